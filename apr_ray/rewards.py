@@ -1,0 +1,107 @@
+"""Per-tree rewards: correctness, the critical-path bonus, optional penalties. Pure Python.
+
+Owns the scalar reward of one thread tree. It reads only what the runtime already computed
+(`TreeRecord.correct` from the strict checker, `TreeRecord.metrics` token counts): it never parses
+text and never computes a critical path itself. Must not import torch, Ray or the runtime.
+
+A reward is a sum of named terms. Each term is a function `(tree, cfg) -> float` registered in
+`REWARD_TERMS` with `@reward_term("name")`; a disabled term returns 0.0, so every breakdown has the
+same keys (stable metric names). To add a term: write the function, register it, add its fields to
+`RewardConfig`.
+
+Departures from the references (shared/research/parallel_reasoning.md §3):
+- ThreadWeaver's released code rewards wrong answers with -1; here `incorrect_reward` defaults to 0
+  (the paper's and APR's 0/1), configurable.
+- APR's TinyRL defines length and thread penalties but never calls them; here they exist and are off
+  by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from apr_ray.types import TreeRecord
+
+
+class RewardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    correct_reward: float = Field(1.0, description="reward of a tree whose final answer passes the checker")
+    incorrect_reward: float = Field(0.0, description="reward of any other tree (ThreadWeaver's code uses -1)")
+    critical_path_enabled: bool = Field(True, description="add the ThreadWeaver acceleration bonus")
+    critical_path_coef: float = Field(0.5, ge=0.0, description="rho: bonus = min(rho * eta, cap)")
+    critical_path_cap: float = Field(0.2, ge=0.0, description="upper bound of the bonus")
+    token_cap: int | None = Field(
+        None, ge=1, description="total generated tokens above which token_cap_penalty applies; None: off"
+    )
+    token_cap_penalty: float = Field(0.0, ge=0.0, description="subtracted once when tokens_total > token_cap")
+    max_threads: int | None = Field(
+        None, ge=1, description="logical threads (root included) allowed before thread_penalty; None: off"
+    )
+    thread_penalty: float = Field(0.0, ge=0.0, description="subtracted per thread beyond max_threads")
+
+
+@dataclass
+class RewardBreakdown:
+    total: float
+    terms: dict[str, float]  # every registered term, in registration order; sums to total
+
+
+TermFn = Callable[[TreeRecord, RewardConfig], float]
+REWARD_TERMS: dict[str, TermFn] = {}
+
+
+def reward_term(name: str) -> Callable[[TermFn], TermFn]:
+    def register(fn: TermFn) -> TermFn:
+        if name in REWARD_TERMS:
+            raise ValueError(f"reward term {name!r} is registered twice")
+        REWARD_TERMS[name] = fn
+        return fn
+
+    return register
+
+
+@reward_term("correct")
+def correctness(tree: TreeRecord, cfg: RewardConfig) -> float:
+    return cfg.correct_reward if tree.correct else cfg.incorrect_reward
+
+
+def acceleration_ratio(tree: TreeRecord) -> float:
+    """eta = 1 - L_cp / L_total: 0 for a sequential trace, towards 1 as work spreads over threads."""
+    total, cp = tree.metrics.tokens_total, tree.metrics.tokens_critical_path
+    if not 0 <= cp <= total:
+        raise ValueError(
+            f"tree {tree.problem_id!r}: tokens_critical_path={cp} must lie in [0, tokens_total={total}]"
+        )
+    return 0.0 if total == 0 else 1.0 - cp / total
+
+
+@reward_term("critical_path")
+def critical_path_bonus(tree: TreeRecord, cfg: RewardConfig) -> float:
+    # Gated on correctness so that spreading wrong work over threads earns nothing.
+    if not (cfg.critical_path_enabled and tree.correct):
+        return 0.0
+    return min(cfg.critical_path_coef * acceleration_ratio(tree), cfg.critical_path_cap)
+
+
+@reward_term("token_cap")
+def token_cap_penalty(tree: TreeRecord, cfg: RewardConfig) -> float:
+    # The acceleration ratio can be gamed with long useless sibling threads; a total cap bounds that.
+    if cfg.token_cap is None or tree.metrics.tokens_total <= cfg.token_cap:
+        return 0.0
+    return -cfg.token_cap_penalty
+
+
+@reward_term("threads")
+def thread_count_penalty(tree: TreeRecord, cfg: RewardConfig) -> float:
+    if cfg.max_threads is None:
+        return 0.0
+    return -cfg.thread_penalty * max(0, tree.metrics.num_threads - cfg.max_threads)
+
+
+def score_tree(tree: TreeRecord, cfg: RewardConfig) -> RewardBreakdown:
+    terms = {name: fn(tree, cfg) for name, fn in REWARD_TERMS.items()}
+    return RewardBreakdown(total=sum(terms.values()), terms=terms)

@@ -1,0 +1,101 @@
+"""Reward catalogue: correctness, critical-path bonus (cap, gating, guards), penalties, config."""
+
+import pytest
+from pydantic import ValidationError
+
+from apr_ray.rewards import REWARD_TERMS, RewardConfig, acceleration_ratio, score_tree
+from apr_ray.types import TreeMetrics, TreeRecord
+
+
+def tree(correct: bool, total: int, cp: int, threads: int = 1) -> TreeRecord:
+    metrics = TreeMetrics(
+        tokens_total=total,
+        tokens_critical_path=cp,
+        num_threads=threads,
+        num_requests=threads,
+        num_spawns=int(threads > 1),
+        max_context=total,
+        wall_s=0.0,
+    )
+    return TreeRecord(
+        target=24, nums=[1, 2, 3, 4], threads=[], metrics=metrics,
+        final_answer="x" if correct else None, correct=correct, problem_id="p7",
+    )
+
+
+def test_correct_sequential_tree_gets_no_bonus():
+    r = score_tree(tree(True, 100, 100), RewardConfig())
+    assert r.terms["correct"] == 1.0
+    assert r.terms["critical_path"] == 0.0
+    assert r.total == 1.0
+
+
+def test_bonus_below_cap():
+    # eta = 1 - 90/100 = 0.1, bonus = 0.5 * 0.1 = 0.05 (< cap 0.2)
+    r = score_tree(tree(True, 100, 90, threads=3), RewardConfig())
+    assert r.terms["critical_path"] == pytest.approx(0.05)
+    assert r.total == pytest.approx(1.05)
+
+
+def test_bonus_is_capped():
+    # eta = 1 - 20/100 = 0.8, 0.5 * 0.8 = 0.4 -> capped at 0.2
+    r = score_tree(tree(True, 100, 20, threads=5), RewardConfig())
+    assert r.terms["critical_path"] == pytest.approx(0.2)
+    assert r.total == pytest.approx(1.2)
+    r = score_tree(tree(True, 100, 20, threads=5), RewardConfig(critical_path_cap=0.35))
+    assert r.terms["critical_path"] == pytest.approx(0.35)
+
+
+def test_incorrect_tree_gets_no_bonus():
+    r = score_tree(tree(False, 100, 20, threads=5), RewardConfig())
+    assert r.terms == {"correct": 0.0, "critical_path": 0.0, "token_cap": 0.0, "threads": 0.0}
+    assert r.total == 0.0
+    assert score_tree(tree(False, 100, 20), RewardConfig(incorrect_reward=-1.0)).total == -1.0
+
+
+def test_bonus_disabled():
+    r = score_tree(tree(True, 100, 20, threads=5), RewardConfig(critical_path_enabled=False))
+    assert r.terms["critical_path"] == 0.0
+    assert r.total == 1.0
+
+
+def test_zero_tokens_is_guarded():
+    assert acceleration_ratio(tree(True, 0, 0)) == 0.0
+    assert score_tree(tree(True, 0, 0), RewardConfig()).total == 1.0
+
+
+def test_inconsistent_metrics_name_the_tree():
+    with pytest.raises(ValueError, match=r"'p7'.*tokens_critical_path=120.*tokens_total=100"):
+        score_tree(tree(True, 100, 120), RewardConfig())
+
+
+def test_token_cap_penalty():
+    cfg = RewardConfig(token_cap=100, token_cap_penalty=0.5)
+    assert score_tree(tree(True, 100, 100), cfg).terms["token_cap"] == 0.0  # at the cap: no penalty
+    r = score_tree(tree(True, 101, 101), cfg)
+    assert r.terms["token_cap"] == -0.5
+    assert r.total == pytest.approx(0.5)
+
+
+def test_thread_penalty_per_thread_over_limit():
+    cfg = RewardConfig(max_threads=3, thread_penalty=0.1, critical_path_enabled=False)
+    assert score_tree(tree(True, 100, 50, threads=3), cfg).terms["threads"] == 0.0
+    r = score_tree(tree(True, 100, 50, threads=5), cfg)
+    assert r.terms["threads"] == pytest.approx(-0.2)
+    assert r.total == pytest.approx(0.8)
+
+
+def test_breakdown_sums_to_total_with_every_term():
+    cfg = RewardConfig(token_cap=50, token_cap_penalty=0.3, max_threads=2, thread_penalty=0.1)
+    r = score_tree(tree(True, 100, 40, threads=4), cfg)
+    assert list(r.terms) == list(REWARD_TERMS)
+    # 1 + min(0.5 * 0.6, 0.2) - 0.3 - 0.1 * 2
+    assert r.total == pytest.approx(1 + 0.2 - 0.3 - 0.2)
+    assert r.total == pytest.approx(sum(r.terms.values()))
+
+
+def test_config_rejects_typos_and_bad_values():
+    with pytest.raises(ValidationError, match="critical_path_coeff"):
+        RewardConfig(critical_path_coeff=0.5)
+    with pytest.raises(ValidationError, match="critical_path_cap"):
+        RewardConfig(critical_path_cap=-0.1)
