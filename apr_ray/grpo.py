@@ -131,7 +131,7 @@ def trees_to_sequences(
                     prompt_ids=r.prompt_ids,
                     output_ids=r.output_ids,
                     advantage=float(adv),
-                    weight=1.0,
+                    weight=1.0 / len(records),
                     sampler_logprobs=r.logprobs,
                     tree_index=i,
                 )
@@ -316,7 +316,9 @@ def policy_loss(
     if mb.old_logprobs is None:
         raise ValueError("policy_loss needs sampler logprobs, and this micro-batch has none (SFT sequences?)")
     if cfg.kl_coef > 0 and ref_logprobs is None:
-        raise ValueError(f"kl_coef={cfg.kl_coef} needs ref_logprobs; set kl_coef=0 to train without a reference")
+        raise ValueError(
+            f"kl_coef={cfg.kl_coef} needs ref_logprobs; set kl_coef=0 to train without a reference"
+        )
     mask = mb.loss_mask
     log_ratio = (new_logprobs - mb.old_logprobs) * mask  # 0 off the output tokens keeps exp() finite
     ratio = torch.exp(log_ratio)

@@ -49,6 +49,19 @@ ALPHABET = string.printable
 
 # Fixed strings of the trace format (shared/research/apr.md §1), each one token. Matching is longest
 # first, so a phrase that is a prefix of another ("No solution found." / "... in sub search") is safe.
+# A "\n" may only end a token, never sit inside or start one: then a line boundary is always a token
+# boundary, and encode(a + b) == encode(a) + encode(b) whenever `a` ends with "\n" (the runtime appends
+# join blocks and child prompts to token ids line by line).
+_LINE_ENDS = (  # phrases that end a line: one token with their "\n", one without (text cut mid-line)
+    " equal: Goal Reached",
+    " unequal: No Solution",
+    "No solution found.",
+    "No solution found in sub search",
+    "<Calling Sub Searches>",
+    "<End Calling Sub Searches>",
+    "<Sub Searches>",
+    "<End Sub Searches>",
+)
 PHRASES = (
     # serial search (SoS+) and the search inside every APR thread
     "Current State: ",
@@ -58,32 +71,29 @@ PHRASES = (
     "Generated Node #",
     " Operation: ",
     "Moving to Node #",
-    " equal: Goal Reached",
-    " unequal: No Solution",
-    "No solution found.",
     "Start Sub Search at level ",
     "Exit Sub Search at level ",
-    "No solution found in sub search",
-    # spawn and join blocks (APR)
-    "<Calling Sub Searches>",
-    "<End Calling Sub Searches>",
+    # spawn and join lines (APR)
     "<Start Sub Search ",
     " at level ",
-    "<Sub Searches>",
-    "<End Sub Searches>",
     "<No Solution in Sub Search ",
     "<Goal Reached in Sub Search ",
     " at Node #",
     # conditioning prefixes
     "Sub Call Budget: ",
     "Token Budget: ",
-    # list punctuation: "[22, 26]" and "['53-31=22', '22/22=1']"
+    # punctuation of "27:[22, 26]", "['53-31=22', '22/22=1']", "#0,1,0: 27", "... at Node #0,1>"
     ", ",
     ": ",
-    "[]",
+    ":[",
     "['",
     "', '",
-    "']",
+    "[]\n",
+    "]\n",
+    "']\n",
+    ">\n",
+    *_LINE_ENDS,
+    *(phrase + "\n" for phrase in _LINE_ENDS),
 )
 
 

@@ -101,3 +101,33 @@ def tree_from_dict(obj: dict) -> TreeRecord:
     threads = [ThreadRecord(**{**t, "end_reason": EndReason(t["end_reason"])}) for t in obj["threads"]]
     fields = {k: v for k, v in obj.items() if k not in ("threads", "metrics")}
     return TreeRecord(threads=threads, metrics=TreeMetrics(**obj["metrics"]), **fields)
+
+
+def critical_path(threads: list[ThreadRecord]) -> tuple[int, list[int]]:
+    """Longest causal chain of generated tokens: (its length, the request ids on it).
+
+    A thread's chain is its segments' output tokens plus, for each spawn, the longest chain among the
+    children it waited for (ThreadWeaver's L_cp; APR's "sequential tokens").
+    """
+    by_thread: dict[int, list[ThreadRecord]] = {}
+    for rec in threads:
+        by_thread.setdefault(rec.thread_id, []).append(rec)
+    for segs in by_thread.values():
+        segs.sort(key=lambda r: r.segment)
+
+    def chain(thread_id: int, depth_guard: int) -> tuple[int, list[int]]:
+        if depth_guard > 64:  # records are ours, but a corrupted file must not recurse forever
+            raise ValueError("thread records nest deeper than 64 levels")
+        length, path = 0, []
+        for seg in by_thread.get(thread_id, []):
+            length += len(seg.output_ids)
+            path.append(seg.request_id)
+            kids = [chain(c, depth_guard + 1) for c in seg.spawned_thread_ids if c in by_thread]
+            if kids:
+                best = max(kids, key=lambda k: k[0])
+                length += best[0]
+                path += best[1]
+        return length, path
+
+    roots = [t for t, segs in by_thread.items() if segs[0].parent_thread_id == -1]
+    return chain(roots[0], 0) if roots else (0, [])

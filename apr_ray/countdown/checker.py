@@ -63,6 +63,9 @@ def check_path(target: int, nums: list[int] | tuple[int, ...], path: str) -> Che
     the goal line."""
     if len(path) > MAX_INPUT_CHARS:
         return _reject(f"input too long: {len(path)} characters > {MAX_INPUT_CHARS}")
+    problem_error = _problem_error(target, nums)
+    if problem_error:
+        return _reject(problem_error)
     lines = path.split("\n", MAX_PATH_LINES + 1)
     if len(lines) > MAX_PATH_LINES:
         return _reject(f"answer path longer than {MAX_PATH_LINES} lines")
@@ -93,7 +96,7 @@ def check_path(target: int, nums: list[int] | tuple[int, ...], path: str) -> Che
                 return _reject(f"operation {op}: number {n} is not available in {sorted(_elements(pool, n))}", ops)
         result = apply_operation(a, sym, b)
         if result is None:
-            kind = "non-exact division" if sym == "/" else "negative result"
+            kind = "negative result" if sym == "-" else "division by zero" if b == 0 else "non-exact division"
             return _reject(f"operation {op}: {kind}", ops)
         if result != stated:
             return _reject(f"operation {op}: wrong arithmetic, {a}{sym}{b} is {result}", ops)
@@ -110,6 +113,17 @@ def check_path(target: int, nums: list[int] | tuple[int, ...], path: str) -> Che
             return _reject(f"numbers left unused: {left} (every number must be used once)", ops)
         return _reject(f"final value {left} is not the target {target}", ops)
     return CheckResult(True, "ok", ops)
+
+
+def _problem_error(target: int, nums: list[int] | tuple[int, ...]) -> str | None:
+    """Why no trace can solve this problem, if so. Problems come from our generator, but a corrupted record
+    must get a reason, not crash the reward (str() of an int over 4300 digits raises)."""
+    limit = 10**T.MAX_DIGITS
+    if not 0 <= target < limit:
+        return f"problem target outside 0..{limit - 1}: no trace can state it"
+    if not all(0 <= n < limit for n in nums):
+        return f"a problem number is outside 0..{limit - 1}: no trace can state it"
+    return None
 
 
 def _elements(pool: Counter, restore: int | None = None) -> list[int]:

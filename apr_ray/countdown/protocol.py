@@ -19,6 +19,7 @@ from apr_ray.countdown import text as T
 
 MAX_LINE_CHARS = 512  # longer lines are never part of a well-formed trace; skipped by the scanners
 MAX_SPAWN_LINES = 1024  # hard cap on lines read inside one spawn block
+BLOCK_MARKERS = (T.SPAWN_OPEN, T.SPAWN_CLOSE, T.JOIN_OPEN, T.JOIN_CLOSE)
 
 
 class ProtocolError(ValueError):
@@ -162,6 +163,10 @@ class AprProtocol(ThreadProtocol):
         parts = [spawn.prefix, T.JOIN_OPEN + "\n"]
         for child, child_text in zip(spawn.children, child_texts, strict=True):
             path = T.answer_path(child_text) if child_text is not None else None
+            if path is not None and any(marker in path for marker in BLOCK_MARKERS):
+                # not a solution path; copied into the parent's prompt it would plant a spawn block there,
+                # which find_spawn rejects whatever the parent writes next
+                path = None
             if path is not None:
                 parts.append(T.join_goal_line(child.index, depth + 1, child.node_id))
                 parts.append(path if path.endswith("\n") else path + "\n")

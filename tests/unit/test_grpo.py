@@ -64,7 +64,7 @@ def test_group_advantages_std_option():
 
 def test_flat_group_gives_exact_zeros():
     # 0.1 * 3 / 3 != 0.1 in floats: the residue must not leak out as a tiny advantage
-    assert group_advantages([0.1, 0.1, 0.1, 1, 0, 1], 3) [:3] == [0.0, 0.0, 0.0]
+    assert group_advantages([0.1, 0.1, 0.1, 1, 0, 1], 3)[:3] == [0.0, 0.0, 0.0]
     assert group_advantages([0.1, 0.1, 0.1], 3, normalize_std=True) == [0.0, 0.0, 0.0]
     assert flat_groups([0.1, 0.1, 0.1, 1, 0, 1], 3) == [True] * 3 + [False] * 3
 
@@ -134,7 +134,8 @@ def test_duplicating_threads_keeps_the_tree_weight():
 
 def test_masks_and_placement():
     seqs = [
-        TrainSequence([3, 4], [5, 6, 7], advantage=0.5, weight=0.5, sampler_logprobs=[-1, -2, -3], tree_index=0),
+        TrainSequence([3, 4], [5, 6, 7], advantage=0.5, weight=0.5, sampler_logprobs=[-1, -2, -3],
+                      tree_index=0),
         TrainSequence([8, 9, 10, 11], [12], advantage=0.5, weight=0.5, sampler_logprobs=[-4], tree_index=0),
         TrainSequence([1], [2], advantage=-1.0, weight=1.0, sampler_logprobs=[-5], tree_index=1),
     ]
@@ -221,7 +222,7 @@ def one_sequence_batch(advantage: float):
 )
 def test_clipped_loss_by_hand(advantage, loss, grads, clip_frac):
     mb = one_sequence_batch(advantage)
-    new = (mb.old_logprobs + with_token_values(mb, [math.log(0.5), math.log(1.1), math.log(1.5)]))
+    new = mb.old_logprobs + with_token_values(mb, [math.log(0.5), math.log(1.1), math.log(1.5)])
     new.requires_grad_(True)
     out, metrics = policy_loss(new, mb, GRPOConfig(kl_coef=0.0))
     out.backward()
@@ -308,7 +309,8 @@ def with_sampler_logprobs(model, seqs, noise: float, rng: random.Random) -> list
     for row, i in enumerate(mb.seq_index.tolist()):
         s = seqs[i]
         p = len(s.prompt_ids)
-        s.sampler_logprobs = [v + rng.uniform(-noise, noise) for v in lp[row, p : p + len(s.output_ids)].tolist()]
+        own = lp[row, p : p + len(s.output_ids)].tolist()
+        s.sampler_logprobs = [v + rng.uniform(-noise, noise) for v in own]
     return seqs
 
 

