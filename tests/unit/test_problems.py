@@ -96,7 +96,6 @@ CONFIGS = {
     "5 operands": ProblemConfig(num_operands=5),
     "small ranges": ProblemConfig(num_operands=3, num_min=1, num_max=9, target_min=1, target_max=20),
     "with zeros": ProblemConfig(num_operands=4, num_min=0, num_max=5, target_min=0, target_max=10),
-    "wide numbers": ProblemConfig(num_operands=3, num_min=100, num_max=10_000, target_min=1, target_max=1000),
 }
 
 

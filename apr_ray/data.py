@@ -1,0 +1,863 @@
+"""Datasets on disk: Countdown problems and solver demonstrations as Parquet, the Ray Data pipelines
+that write them, the streaming readers that feed the learner, and the import of the APR reference's
+demonstrations.
+
+Owns the two Parquet schemas (`PROBLEMS_SCHEMA`, `DEMOS_SCHEMA`; docs/data.md), and turns the pure
+Countdown domain (problems, solvers, demo flattening) into rows. Pure functions (planning, row
+building, summaries, readers, the import) need only pyarrow, so the learner reads demonstrations on a
+machine without Ray; Ray is imported inside the functions that run a Ray Data pipeline. Must not import
+torch, vLLM, the runtime or the learner.
+
+Determinism: a problem's numbers come from a random stream per (seed, target), its demonstration from
+a stream per (seed, kind, problem id), so the content of every dataset depends on its seed only, not on
+the number of workers, batch sizes or scheduling (row order within files may differ).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from apr_ray.countdown.demos import Demo, DemoError, demo_from_trace_dict, flatten_apr, flatten_sosp
+from apr_ray.countdown.problems import SPLITS, Problem, ProblemConfig, ProblemSpaceExhausted, is_solvable
+from apr_ray.countdown.protocol import get_protocol
+from apr_ray.countdown.solvers import SolverConfig, solve_apr, solve_sosp
+from apr_ray.types import TrainSequence
+
+if TYPE_CHECKING:
+    from ray.data import Dataset, DataIterator
+    from transformers import PreTrainedTokenizerFast
+
+# --- schemas -------------------------------------------------------------------------------------
+
+PROBLEMS_SCHEMA = pa.schema(
+    [
+        pa.field("problem_id", pa.string(), nullable=False),  # Problem.problem_id: "target:sorted,nums"
+        pa.field("split", pa.string(), nullable=False),  # train / val / test
+        pa.field("index", pa.int64(), nullable=False),  # position within its split: the canonical order
+        pa.field("target", pa.int32(), nullable=False),
+        pa.field("nums", pa.list_(pa.int32()), nullable=False),  # in drawn order (the prompt's order)
+    ]
+)
+
+DEMOS_SCHEMA = pa.schema(
+    [
+        pa.field("demo_id", pa.string(), nullable=False),
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # "apr" or "sosp"
+        pa.field("target", pa.int32(), nullable=False),
+        pa.field("nums", pa.list_(pa.int32()), nullable=False),
+        pa.field("thread_id", pa.int32(), nullable=False),  # 0 = root
+        pa.field("parent_thread_id", pa.int32(), nullable=False),  # -1 for the root
+        pa.field("depth", pa.int32(), nullable=False),
+        pa.field("segment", pa.int32(), nullable=False),  # k = the thread's request after its k-th join
+        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),  # BOS + prompt (never trained)
+        pa.field("completion_ids", pa.list_(pa.int32()), nullable=False),  # trained; no EOS (learner adds it)
+        pa.field("solved", pa.bool_(), nullable=False),  # the demo's root reached a checked goal
+        pa.field("demo_requests", pa.int32(), nullable=False),  # rows of this demo
+        pa.field("demo_spawns", pa.int32(), nullable=False),
+        pa.field("children_per_spawn", pa.float32(), nullable=False),  # 0 when it never spawned
+    ]
+)
+
+# Optional columns (DemoFormat.include_text): the texts behind the ids, for inspection.
+DEMO_TEXT_FIELDS = [pa.field("prompt", pa.string(), nullable=False), pa.field("completion", pa.string(), nullable=False)]
+
+SFT_COLUMNS = ["prompt_ids", "completion_ids"]
+
+
+def demos_schema(include_text: bool = False) -> pa.Schema:
+    schema = DEMOS_SCHEMA
+    for f in DEMO_TEXT_FIELDS if include_text else []:
+        schema = schema.append(f)
+    return schema
+
+
+# --- configs -------------------------------------------------------------------------------------
+
+
+class DemoFormat(BaseModel):
+    """How a demonstration becomes token rows; shared by generated and imported demonstrations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    condition: bool = Field(
+        False,
+        description="prefix the root's prompts with the demo's own budget: APR `Sub Call Budget: N ` "
+        "(N = children per spawn, rounded), SoS+ `Token Budget: B ` (completion tokens rounded up to a bin)",
+    )
+    token_budget_bin: int = Field(512, ge=1, le=1 << 20, description="SoS+ token-budget bin width")
+    add_bos: bool = Field(True, description="start every prompt_ids with the BOS id, as the runtime's requests do")
+    include_text: bool = Field(False, description="also store the prompt / completion text columns")
+
+
+class DemosConfig(BaseModel):
+    """Solver demonstrations for a problems dataset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["apr", "sosp"] = Field("apr", description="parallel (APR) or serial (SoS+) demonstrations")
+    seed: int = Field(0, description="demonstrations are a function of (seed, kind, problem)")
+    solver: SolverConfig = Field(default_factory=SolverConfig)
+    format: DemoFormat = Field(default_factory=DemoFormat)
+    only_solved: bool = Field(False, description="drop demonstrations whose search found no solution")
+    batch_problems: int = Field(32, ge=1, le=65_536, description="problems per Ray Data batch")
+
+
+# --- summaries -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ProblemsSummary:
+    path: str
+    counts: dict[str, int]
+    seconds: float
+
+    def report(self) -> str:
+        total = sum(self.counts.values())
+        splits = ", ".join(f"{s} {n:,}" for s, n in self.counts.items())
+        return (f"problems: {total:,} ({splits}) in {self.seconds:.1f} s "
+                f"({total / max(self.seconds, 1e-9):,.0f}/s) -> {self.path}")
+
+
+@dataclass
+class DemosSummary:
+    path: str
+    kind: str
+    demos: int = 0
+    sequences: int = 0  # rows: thread requests
+    threads: int = 0  # logical threads (rows with segment 0)
+    solved: int = 0
+    spawns: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    max_sequence_tokens: int = 0  # longest prompt + completion (+1 for EOS not counted)
+    seconds: float = 0.0
+    records: int = 0  # records read (import only)
+    rejected: int = 0
+    rejections: dict[str, int] = field(default_factory=dict)  # category -> count
+    rejected_path: str | None = None
+
+    @property
+    def solved_share(self) -> float:
+        return self.solved / self.demos if self.demos else 0.0
+
+    def per_demo(self, value: int) -> float:
+        return value / self.demos if self.demos else 0.0
+
+    def report(self) -> str:
+        lines = [
+            f"{self.kind} demonstrations: {self.demos:,} ({self.sequences:,} sequences) in {self.seconds:.1f} s "
+            f"({self.per_second:,.1f} demos/s) -> {self.path}",
+            f"  solved {self.solved_share:.1%}; threads/demo {self.per_demo(self.threads):.2f}; "
+            f"spawns/demo {self.per_demo(self.spawns):.2f}",
+            f"  tokens: prompt {self.prompt_tokens:,} ({self.per_demo(self.prompt_tokens):,.0f}/demo), "
+            f"completion {self.completion_tokens:,} ({self.per_demo(self.completion_tokens):,.0f}/demo), "
+            f"longest sequence {self.max_sequence_tokens:,}",
+        ]
+        if self.records:
+            reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.rejections.items())) or "none"
+            lines.append(f"  records read {self.records:,}; rejected {self.rejected:,} ({reasons})"
+                         + (f" -> {self.rejected_path}" if self.rejected else ""))
+        return "\n".join(lines)
+
+    @property
+    def per_second(self) -> float:
+        return self.demos / self.seconds if self.seconds > 0 else 0.0
+
+
+# --- problems: planning and generation (pure) ------------------------------------------------------
+
+
+def _check_sizes(sizes: dict[str, int]) -> None:
+    unknown = set(sizes) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split name(s) {sorted(unknown)}; expected some of {SPLITS}")
+    for name, n in sizes.items():
+        if n < 0:
+            raise ValueError(f"split {name!r}: size {n} is negative")
+
+
+def plan_problems(cfg: ProblemConfig, sizes: dict[str, int], seed: int) -> list[dict[str, Any]]:
+    """One row per target: which positions of each split hold a problem with that target.
+
+    Each split draws its targets position by position, uniformly, as the reference draws a target per
+    problem; a split has its own stream, so the evaluation splits do not depend on the train size.
+    """
+    import numpy as np
+
+    _check_sizes(sizes)
+    rows: dict[int, dict[str, Any]] = {}
+    for split_no, split in enumerate(SPLITS):
+        n = sizes.get(split, 0)
+        if n == 0:
+            continue
+        targets = np.random.default_rng([seed, split_no]).integers(cfg.target_min, cfg.target_max + 1, size=n)
+        order = np.argsort(targets, kind="stable")
+        bounds = np.flatnonzero(np.diff(targets[order])) + 1
+        for group in np.split(order, bounds):
+            target = int(targets[group[0]])
+            row = rows.setdefault(target, {"target": target, **{s: [] for s in SPLITS}})
+            row[split] = group.tolist()
+    return [rows[t] for t in sorted(rows)]
+
+
+def problems_for_target(
+    cfg: ProblemConfig, target: int, positions: dict[str, Sequence[int]], seed: int, max_redraws: int = 10_000
+) -> list[tuple[str, int, Problem]]:
+    """The problems of one target: (split, index, problem), distinct, none shared between splits.
+
+    One stream per (seed, target) draws the numbers uniformly until they reach the target (the
+    reference's rejection sampling); evaluation splits take the first problems of the stream.
+    """
+    rng = random.Random(f"{seed}/{target}")
+    seen: set[tuple[int, ...]] = set()
+    out: list[tuple[str, int, Problem]] = []
+    for split in ("val", "test", "train"):
+        for index in positions.get(split, ()):
+            for _ in range(max_redraws):
+                nums = tuple(rng.randint(cfg.num_min, cfg.num_max) for _ in range(cfg.num_operands))
+                key = tuple(sorted(nums))
+                if key not in seen and is_solvable(key, target):
+                    seen.add(key)
+                    out.append((split, int(index), Problem(target, nums)))
+                    break
+            else:
+                raise ProblemSpaceExhausted(
+                    f"target {target}: no new solvable numbers in {max_redraws} draws after {len(seen)} problems; "
+                    f"widen num_min..num_max ({cfg.num_min}..{cfg.num_max}) or the target range, or ask for fewer"
+                )
+    return out
+
+
+def problems_table(rows: Sequence[tuple[str, int, Problem]]) -> pa.Table:
+    return pa.table(
+        {
+            "problem_id": [p.problem_id for _, _, p in rows],
+            "split": [s for s, _, _ in rows],
+            "index": [i for _, i, _ in rows],
+            "target": [p.target for _, _, p in rows],
+            "nums": [list(p.nums) for _, _, p in rows],
+        },
+        schema=PROBLEMS_SCHEMA,
+    )
+
+
+def _problems_batch(batch: pa.Table, cfg: ProblemConfig, seed: int) -> pa.Table:
+    rows: list[tuple[str, int, Problem]] = []
+    for plan in batch.to_pylist():
+        rows += problems_for_target(cfg, plan["target"], plan, seed)
+    return problems_table(rows)
+
+
+# --- demonstrations: rows (pure) --------------------------------------------------------------------
+
+# Text that does not round-trip through the tokenizer: non-printable-ASCII characters or the literal
+# special-token strings. One C-level scan; the tokenizer's own check then names the culprit.
+_UNSAFE_TEXT = re.compile(r"[^\x20-\x7e\t\n\r\x0b\x0c]|<s>|</s>|<pad>|<unk>")
+
+
+def check_demo_text(demo: Demo) -> None:
+    """Raise TokenizerInputError if some text of `demo` would not encode exactly."""
+    from apr_ray.tokenizer import TokenizerInputError, check_text
+
+    for seq in demo.sequences:
+        for part in (seq.prompt, seq.completion):
+            if _UNSAFE_TEXT.search(part):
+                check_text(part)
+                raise TokenizerInputError(f"text of thread {seq.thread_id} segment {seq.segment} would not round-trip")
+
+
+def solve_demo(problem: Problem, config: DemosConfig) -> Demo:
+    """The demonstration of one problem, from its own random stream."""
+    rng = random.Random(f"{config.seed}/{config.kind}/{problem.problem_id}")
+    if config.kind == "apr":
+        return flatten_apr(problem, solve_apr(problem, config.solver, rng))
+    trace, _ = solve_sosp(problem, config.solver, rng)
+    return flatten_sosp(problem, trace)
+
+
+def _budget(demo: Demo, completion_tokens: int, fmt: DemoFormat) -> int:
+    if demo.kind == "apr":
+        return math.floor(demo.children_per_spawn + 0.5)  # round half up; one spawn per demo is the norm
+    return max(1, math.ceil(completion_tokens / fmt.token_budget_bin)) * fmt.token_budget_bin
+
+
+def demos_table(items: Sequence[tuple[str, Demo]], tokenizer: PreTrainedTokenizerFast, fmt: DemoFormat) -> pa.Table:
+    """Rows of DEMOS_SCHEMA for (demo_id, demo) pairs; texts must pass `check_demo_text`.
+
+    Completions are tokenized first: a SoS+ token-budget condition depends on their length.
+    """
+    seqs = [(demo_id, demo, seq) for demo_id, demo in items for seq in demo.sequences]
+    completions = _encode(tokenizer, [seq.completion for _, _, seq in seqs])
+    prompts_text: list[str] = []
+    budget_of: dict[str, int] = {}
+    if fmt.condition:
+        for (demo_id, demo, seq), ids in zip(seqs, completions):
+            if seq.depth == 0:  # SoS+ has one sequence; APR's budget ignores tokens
+                budget_of.setdefault(demo_id, _budget(demo, len(ids), fmt))
+    for demo_id, demo, seq in seqs:
+        prefix = get_protocol(demo.kind).condition(budget_of[demo_id]) if fmt.condition and seq.depth == 0 else ""
+        prompts_text.append(prefix + seq.prompt)
+    bos = [tokenizer.bos_token_id] if fmt.add_bos else []
+    prompts = [bos + ids for ids in _encode(tokenizer, prompts_text)]
+    columns: dict[str, list] = {
+        "demo_id": [d for d, _, _ in seqs],
+        "problem_id": [demo.problem.problem_id for _, demo, _ in seqs],
+        "kind": [demo.kind for _, demo, _ in seqs],
+        "target": [demo.problem.target for _, demo, _ in seqs],
+        "nums": [list(demo.problem.nums) for _, demo, _ in seqs],
+        "thread_id": [s.thread_id for _, _, s in seqs],
+        "parent_thread_id": [s.parent_thread_id for _, _, s in seqs],
+        "depth": [s.depth for _, _, s in seqs],
+        "segment": [s.segment for _, _, s in seqs],
+        "prompt_ids": prompts,
+        "completion_ids": completions,
+        "solved": [demo.solved for _, demo, _ in seqs],
+        "demo_requests": [len(demo.sequences) for _, demo, _ in seqs],
+        "demo_spawns": [demo.spawns for _, demo, _ in seqs],
+        "children_per_spawn": [demo.children_per_spawn for _, demo, _ in seqs],
+    }
+    if fmt.include_text:
+        columns["prompt"] = prompts_text
+        columns["completion"] = [s.completion for _, _, s in seqs]
+    return pa.table(columns, schema=demos_schema(fmt.include_text))
+
+
+def _encode(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]  # one batched call into Rust
+
+
+class DemoWorker:
+    """Ray Data map_batches UDF: a batch of problems -> their demonstrations' rows.
+
+    A class so each worker builds its tokenizer once; plain Python, usable without Ray.
+    """
+
+    def __init__(self, config: DemosConfig, tokenizer: PreTrainedTokenizerFast | None = None):
+        from apr_ray.tokenizer import build_tokenizer
+
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        items = []
+        for row in batch.select(["target", "nums"]).to_pylist():
+            problem = Problem(row["target"], tuple(row["nums"]))
+            demo = solve_demo(problem, self.config)
+            if self.config.only_solved and not demo.solved:
+                continue
+            check_demo_text(demo)
+            items.append((f"{self.config.kind}/{problem.problem_id}", demo))
+        return demos_table(items, self.tokenizer, self.config.format)
+
+
+# --- summaries from files (pure, streaming) ------------------------------------------------------
+
+
+def parquet_files(path: str | Path) -> list[Path]:
+    """The Parquet files of a dataset (a directory, searched recursively, or one file), sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no dataset at {path}: expected a Parquet file or a directory of them")
+    files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+    if not files:
+        raise FileNotFoundError(f"no .parquet files under {path}")
+    return files
+
+
+def summarize_demos(path: str | Path, kind: str = "") -> DemosSummary:
+    """Counts and token totals of a demos dataset, read row group by row group."""
+    summary = DemosSummary(path=str(path), kind=kind)
+    kinds: Counter[str] = Counter()
+    columns = ["kind", "thread_id", "segment", "solved", "demo_spawns", "prompt_ids", "completion_ids"]
+    for file in parquet_files(path):
+        reader = pq.ParquetFile(file)
+        for rg in range(reader.num_row_groups):
+            t = reader.read_row_group(rg, columns=columns)
+            if t.num_rows == 0:
+                continue
+            p_len = pc.list_value_length(t["prompt_ids"])
+            c_len = pc.list_value_length(t["completion_ids"])
+            root = pc.and_(pc.equal(t["thread_id"], 0), pc.equal(t["segment"], 0))
+            summary.sequences += t.num_rows
+            summary.threads += pc.sum(pc.cast(pc.equal(t["segment"], 0), pa.int64())).as_py() or 0
+            summary.demos += pc.sum(pc.cast(root, pa.int64())).as_py() or 0
+            summary.solved += pc.sum(pc.cast(pc.and_(root, t["solved"]), pa.int64())).as_py() or 0
+            summary.spawns += pc.sum(pc.if_else(root, t["demo_spawns"], 0)).as_py() or 0
+            summary.prompt_tokens += pc.sum(p_len).as_py() or 0
+            summary.completion_tokens += pc.sum(c_len).as_py() or 0
+            summary.max_sequence_tokens = max(summary.max_sequence_tokens, pc.max(pc.add(p_len, c_len)).as_py() or 0)
+            kinds.update(t["kind"].to_pylist())
+    if not kind and kinds:
+        summary.kind = "+".join(sorted(kinds))
+    return summary
+
+
+def count_problems(path: str | Path) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for file in parquet_files(path):
+        counts.update(pq.read_table(file, columns=["split"])["split"].to_pylist())
+    return {s: counts[s] for s in SPLITS if counts[s]}
+
+
+# --- readers (pyarrow; no Ray needed) ------------------------------------------------------------
+
+
+def read_problems(path: str | Path, split: str) -> list[Problem]:
+    """The problems of one split, in their canonical order (the `index` column)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    tables = [pq.read_table(f, columns=["split", "index", "target", "nums"], filters=[("split", "=", split)])
+              for f in parquet_files(path)]
+    table = pa.concat_tables(tables).sort_by("index")
+    if table.num_rows == 0:
+        raise ValueError(f"{path}: no problems in split {split!r}; it holds {count_problems(path) or 'none'}")
+    return [Problem(t, tuple(n)) for t, n in zip(table["target"].to_pylist(), table["nums"].to_pylist())]
+
+
+def _row_groups(path: str | Path) -> list[tuple[Path, int, int]]:
+    out = []
+    for file in parquet_files(path):
+        meta = pq.ParquetFile(file).metadata
+        out += [(file, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+    return out
+
+
+def _to_sequences(table: pa.Table) -> list[TrainSequence]:
+    return [TrainSequence(prompt_ids=p, output_ids=c, weight=1.0)
+            for p, c in zip(table["prompt_ids"].to_pylist(), table["completion_ids"].to_pylist())]
+
+
+def _buffered_shuffle(items: Iterator[TrainSequence], size: int, rng: random.Random) -> Iterator[TrainSequence]:
+    """A streaming shuffle: hold `size` items, emit a random one as each new one arrives."""
+    buffer: list[TrainSequence] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        k = rng.randrange(size)
+        yield buffer[k]
+        buffer[k] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _rank_rows(path: str | Path, seed: int, rank: int, world_size: int) -> Iterator[TrainSequence]:
+    """This rank's sequences: row groups in a seeded order dealt round-robin, every rank cut to the
+    smallest rank's row count so all ranks take the same number of steps (DeepSpeed needs that)."""
+    groups = _row_groups(path)
+    random.Random(seed).shuffle(groups)
+    dealt = [groups[r::world_size] for r in range(world_size)]
+    quota = min(sum(n for _, _, n in mine) for mine in dealt)
+    left = quota
+    for file, index, _ in dealt[rank]:
+        if left <= 0:
+            return
+        table = pq.ParquetFile(file).read_row_group(index, columns=SFT_COLUMNS)
+        sequences = _to_sequences(table.slice(0, left))
+        left -= len(sequences)
+        yield from sequences
+
+
+def iter_sft_batches(
+    demos: str | Path | DataIterator,
+    batch_sequences: int,
+    *,
+    shuffle_buffer: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[list[TrainSequence]]:
+    """One pass over a demos dataset as batches of TrainSequence (prompt_ids, output_ids, weight 1).
+
+    `demos` is a dataset path (read with pyarrow, no Ray needed; each rank reads its own share) or a
+    Ray Data iterator from `split_sft_stream` (the driver split the stream; rank and world_size are then
+    ignored). Nothing is materialised beyond one row group and the shuffle buffer; `shuffle_buffer` <= 1
+    keeps the stored order. Pass a different seed per epoch for a different order.
+    """
+    if batch_sequences < 1:
+        raise ValueError(f"batch_sequences must be >= 1, got {batch_sequences}")
+    if isinstance(demos, (str, Path)):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
+        rows = _rank_rows(demos, seed, rank, world_size)
+        if shuffle_buffer > 1:
+            rows = _buffered_shuffle(rows, shuffle_buffer, random.Random(f"{seed}/{rank}"))
+        batch: list[TrainSequence] = []
+        for seq in rows:
+            batch.append(seq)
+            if len(batch) == batch_sequences:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+        return
+    for table in demos.iter_batches(
+        batch_size=batch_sequences,
+        batch_format="pyarrow",
+        local_shuffle_buffer_size=shuffle_buffer if shuffle_buffer > 1 else None,
+        local_shuffle_seed=seed if shuffle_buffer > 1 else None,
+    ):
+        yield _to_sequences(table)
+
+
+# --- Ray Data pipelines -------------------------------------------------------------------------
+
+
+def _prepare_output(out_dir: str | Path, overwrite: bool) -> Path:
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"output directory {out} is not empty; choose another or pass overwrite=True")
+        import shutil
+
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _progress(enabled: bool) -> None:
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = enabled
+
+
+def generate_problem_data(
+    out_dir: str | Path,
+    sizes: dict[str, int],
+    *,
+    seed: int,
+    problem: ProblemConfig | None = None,
+    workers: int = 2,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ProblemsSummary:
+    """Write disjoint, de-duplicated problem splits as Parquet with Ray Data (one task per group of
+    targets; `workers` tasks at a time). The content depends on (problem config, sizes, seed) only."""
+    import ray.data
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    cfg = problem or ProblemConfig()
+    start = time.perf_counter()
+    plan = plan_problems(cfg, sizes, seed)
+    out = _prepare_output(out_dir, overwrite)
+    if not plan:
+        raise ValueError(f"no problems requested: sizes {sizes}")
+    _progress(progress)
+    blocks = min(len(plan), 4 * workers)  # a few blocks per worker keeps them busy when targets differ in cost
+    ds = ray.data.from_items(plan, override_num_blocks=blocks)
+    ds = ds.map_batches(_problems_batch, fn_kwargs={"cfg": cfg, "seed": seed}, batch_size=None,
+                        batch_format="pyarrow", concurrency=workers, num_cpus=1)
+    ds.write_parquet(str(out))
+    return ProblemsSummary(str(out), count_problems(out), time.perf_counter() - start)
+
+
+def problems_dataset(path: str | Path, split: str, limit: int | None = None) -> Dataset:
+    """A Ray dataset of one split's problems; `limit` keeps the first `limit` by index."""
+    import ray.data
+    from ray.data.expressions import col
+
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    files = [str(f) for f in parquet_files(path)]
+    predicate = col("split") == split
+    if limit is not None:
+        predicate = predicate & (col("index") < limit)
+    return ray.data.read_parquet(files).filter(expr=predicate)
+
+
+def generate_demos(
+    problems_path: str | Path,
+    out_dir: str | Path,
+    *,
+    split: str = "train",
+    config: DemosConfig | None = None,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    limit: int | None = None,
+    workers: int = 2,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> DemosSummary:
+    """Solve a problems split with Ray Data (`workers` actors, each with its own tokenizer) and write
+    one row per thread request as Parquet. The content depends on (problems, config) only."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    cfg = config or DemosConfig()
+    start = time.perf_counter()
+    ds = problems_dataset(problems_path, split, limit)
+    out = _prepare_output(out_dir, overwrite)
+    _progress(progress)
+    ds = ds.map_batches(DemoWorker, fn_constructor_kwargs={"config": cfg, "tokenizer": tokenizer},
+                        batch_size=cfg.batch_problems, batch_format="pyarrow", concurrency=workers, num_cpus=1)
+    ds.write_parquet(str(out))
+    summary = summarize_demos(out, cfg.kind)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def split_sft_stream(demos_path: str | Path, world_size: int, *, seed: int) -> list[DataIterator]:
+    """Driver side: one Ray Data iterator per learner rank over the demos (equal shares, blocks in a
+    seeded order); hand iterator i to rank i and read it with `iter_sft_batches`."""
+    import ray.data
+
+    files = [str(f) for f in parquet_files(demos_path)]
+    ds = ray.data.read_parquet(files, columns=SFT_COLUMNS).randomize_block_order(seed=seed)
+    return ds.streaming_split(world_size, equal=True)
+
+
+# --- APR reference import (pure; streams the file) -----------------------------------------------
+
+
+class ImportFormatError(ValueError):
+    """The input file cannot be read as a JSON list / JSON lines; the message says where."""
+
+
+@dataclass(frozen=True)
+class _BadRecord:
+    reason: str
+
+
+class _Rejected(Exception):
+    def __init__(self, category: str, reason: str):
+        super().__init__(reason)
+        self.category = category
+        self.reason = reason
+
+
+_WHITESPACE = " \t\r\n"
+
+
+def iter_json_records(
+    path: str | Path,
+    *,
+    chunk_bytes: int = 1 << 22,
+    max_record_chars: int = 1 << 26,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Iterator[tuple[int, Any]]:
+    """(index, record) for each element of a JSON list file, or each line of a `.jsonl` file, without
+    loading the file. A malformed JSON line yields a `_BadRecord` (the file goes on); a malformed
+    element of a JSON list raises ImportFormatError (a list cannot be re-synchronised)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        yield from _iter_json_lines(path, on_bytes)
+        return
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    with path.open("rb") as f:
+        buf, pos, eof, consumed = "", 0, False, 0
+
+        def fill() -> None:
+            nonlocal buf, pos, eof, consumed
+            data = f.read(chunk_bytes)
+            if on_bytes is not None:
+                on_bytes(len(data))
+            eof = not data
+            consumed += pos
+            buf = buf[pos:] + utf8.decode(data, final=eof)
+            pos = 0
+
+        def skip_space() -> bool:
+            """Advance to the next non-space character; False at the end of the file."""
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in _WHITESPACE:
+                    pos += 1
+                if pos < len(buf):
+                    return True
+                if eof:
+                    return False
+                fill()
+
+        if not skip_space() or buf[pos] != "[":
+            raise ImportFormatError(f"{path}: expected a JSON list (or a .jsonl file), found {buf[pos:pos + 20]!r}")
+        pos += 1
+        index = 0
+        if skip_space() and buf[pos] == "]":
+            return
+        while True:
+            if not skip_space():
+                raise ImportFormatError(f"{path}: file ends inside the list after record {index - 1}")
+            try:
+                record, end = decoder.raw_decode(buf, pos)
+                complete = end < len(buf) or eof  # a record ending at the buffer's edge may go on
+            except json.JSONDecodeError as err:
+                if eof or len(buf) - pos > max_record_chars:
+                    raise ImportFormatError(
+                        f"{path}: record {index} (character {consumed + pos}) is not valid JSON: {err.msg} "
+                        f"at character {consumed + err.pos}") from None
+                complete = False
+            if not complete:
+                fill()
+                continue
+            yield index, record
+            index += 1
+            pos = end
+            if not skip_space():
+                raise ImportFormatError(f"{path}: file ends inside the list after record {index - 1}")
+            if buf[pos] == ",":
+                pos += 1
+            elif buf[pos] == "]":
+                return
+            else:
+                raise ImportFormatError(
+                    f"{path}: expected ',' or ']' after record {index - 1} (character {consumed + pos}), "
+                    f"found {buf[pos:pos + 20]!r}")
+
+
+def _iter_json_lines(path: Path, on_bytes: Callable[[int], None] | None) -> Iterator[tuple[int, Any]]:
+    index = 0
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if on_bytes is not None:
+                on_bytes(len(raw))
+            if not raw.strip():
+                continue
+            try:
+                yield index, json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                yield index, _BadRecord(f"line {line_no} is not valid JSON: {err}")
+            index += 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def demo_from_record(record: Any, kind: str = "apr") -> Demo:
+    """Validate one reference record and flatten it; raises _Rejected(category, reason).
+
+    Categories: "json" (unparseable line), "record" (missing / mistyped keys), "trace" (breaks the
+    thread protocol), "checker" (claims a goal its path does not reach), "text" (would not tokenize).
+    """
+    if isinstance(record, _BadRecord):
+        raise _Rejected("json", record.reason)
+    if not isinstance(record, dict):
+        raise _Rejected("record", f"expected a JSON object, got {type(record).__name__}")
+    trace_key = "trace_dict" if kind == "apr" else "search_path"
+    for key in ("target", "nums", trace_key):
+        if key not in record:
+            raise _Rejected("record", f"missing key {key!r}")
+    target, nums = record["target"], record["nums"]
+    if not _is_int(target) or target < 0:
+        raise _Rejected("record", f"target: expected a non-negative integer, got {target!r}"[:200])
+    if not isinstance(nums, list) or not 1 <= len(nums) <= 16 or not all(_is_int(n) and n >= 0 for n in nums):
+        raise _Rejected("record", f"nums: expected a list of 1..16 non-negative integers, got {nums!r}"[:200])
+    problem = Problem(target, tuple(nums))
+    try:
+        if kind == "apr":
+            demo = flatten_apr(problem, demo_from_trace_dict(record[trace_key]))
+        else:
+            if not isinstance(record[trace_key], str):
+                raise DemoError(f"search_path: expected a string, got {type(record[trace_key]).__name__}")
+            demo = flatten_sosp(problem, record[trace_key])
+    except DemoError as err:
+        raise _Rejected("checker" if "checker" in str(err) else "trace", str(err)) from None
+    try:
+        check_demo_text(demo)
+    except ValueError as err:
+        raise _Rejected("text", str(err)) from None
+    return demo
+
+
+def import_apr(
+    json_path: str | Path,
+    out_dir: str | Path,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    kind: Literal["apr", "sosp"] = "apr",
+    fmt: DemoFormat | None = None,
+    limit: int | None = None,
+    rows_per_file: int = 200_000,
+    demos_per_row_group: int = 512,
+    overwrite: bool = False,
+    progress: bool = True,
+    chunk_bytes: int = 1 << 22,
+) -> DemosSummary:
+    """Import the reference's demonstrations (a JSON list, or JSON lines, of records with `target`,
+    `nums` and `trace_dict` (APR) or `search_path` (SoS+)) as a demos dataset.
+
+    Every trace is checked (thread protocol, strict checker, tokenizer round trip). Rejected records are
+    written with their index and reason to `<out_dir>.rejected.jsonl`, beside the dataset, so nothing is
+    lost. The file is streamed: memory stays at one chunk plus one row group.
+    """
+    from tqdm import tqdm
+
+    fmt = fmt or DemoFormat()
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"no file at {json_path}")
+    start = time.perf_counter()
+    out = _prepare_output(out_dir, overwrite)
+    out.mkdir(parents=True)
+    rejected_path = out.with_name(out.name + ".rejected.jsonl")
+    summary = DemosSummary(path=str(out), kind=kind, rejected_path=str(rejected_path))
+    schema = demos_schema(fmt.include_text)
+    writer: pq.ParquetWriter | None = None
+    file_no, rows_in_file = 0, 0
+    pending: list[tuple[str, Demo]] = []
+    rejections: Counter[str] = Counter()
+
+    def flush() -> None:
+        nonlocal writer, file_no, rows_in_file
+        if not pending:
+            return
+        table = demos_table(pending, tokenizer, fmt)
+        pending.clear()
+        if writer is None or rows_in_file >= rows_per_file:
+            if writer is not None:
+                writer.close()
+            writer = pq.ParquetWriter(out / f"part-{file_no:05d}.parquet", schema)
+            file_no, rows_in_file = file_no + 1, 0
+        writer.write_table(table)
+        rows_in_file += table.num_rows
+
+    bar = tqdm(total=json_path.stat().st_size, unit="B", unit_scale=True, desc=f"import {json_path.name}",
+               disable=not progress)
+    try:
+        with rejected_path.open("w") as rejected_file:
+            for index, record in iter_json_records(json_path, chunk_bytes=chunk_bytes, on_bytes=bar.update):
+                if limit is not None and index >= limit:
+                    break
+                summary.records += 1
+                try:
+                    demo = demo_from_record(record, kind)
+                except _Rejected as rej:
+                    rejections[rej.category] += 1
+                    kept = None if isinstance(record, _BadRecord) else record
+                    rejected_file.write(json.dumps({"index": index, "category": rej.category,
+                                                    "reason": rej.reason, "record": kept}) + "\n")
+                    continue
+                pending.append((f"{json_path.stem}/{index}", demo))
+                if len(pending) >= demos_per_row_group:
+                    flush()
+            flush()
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    if file_no == 0:  # keep the output a readable (empty) dataset even when every record was rejected
+        pq.write_table(schema.empty_table(), out / "part-00000.parquet")
+    done = summarize_demos(out, kind)
+    done.records, done.rejected, done.rejections = summary.records, sum(rejections.values()), dict(rejections)
+    done.rejected_path, done.seconds = str(rejected_path), time.perf_counter() - start
+    return done
