@@ -297,24 +297,24 @@ def _budget(demo: Demo, completion_tokens: int, fmt: DemoFormat) -> int:
     return max(1, math.ceil(completion_tokens / fmt.token_budget_bin)) * fmt.token_budget_bin
 
 
-def demos_table(items: Sequence[tuple[str, Demo]], tokenizer: PreTrainedTokenizerFast, fmt: DemoFormat) -> pa.Table:
+def demos_table(items: Sequence[tuple[str, Demo]], encoder: TextEncoder, fmt: DemoFormat) -> pa.Table:
     """Rows of DEMOS_SCHEMA for (demo_id, demo) pairs; texts must pass `check_demo_text`.
 
     Completions are tokenized first: a SoS+ token-budget condition depends on their length.
     """
     seqs = [(demo_id, demo, seq) for demo_id, demo in items for seq in demo.sequences]
-    completions = _encode(tokenizer, [seq.completion for _, _, seq in seqs])
-    prompts_text: list[str] = []
+    completions = encoder([seq.completion for _, _, seq in seqs])
     budget_of: dict[str, int] = {}
     if fmt.condition:
         for (demo_id, demo, seq), ids in zip(seqs, completions):
             if seq.depth == 0:  # SoS+ has one sequence; APR's budget ignores tokens
                 budget_of.setdefault(demo_id, _budget(demo, len(ids), fmt))
-    for demo_id, demo, seq in seqs:
-        prefix = get_protocol(demo.kind).condition(budget_of[demo_id]) if fmt.condition and seq.depth == 0 else ""
-        prompts_text.append(prefix + seq.prompt)
-    bos = [tokenizer.bos_token_id] if fmt.add_bos else []
-    prompts = [bos + ids for ids in _encode(tokenizer, prompts_text)]
+    prompts_text = [
+        (get_protocol(demo.kind).condition(budget_of[demo_id]) if fmt.condition and seq.depth == 0 else "") + seq.prompt
+        for demo_id, demo, seq in seqs
+    ]
+    bos = [encoder.bos_id] if fmt.add_bos else []
+    prompts = [bos + ids for ids in encoder(prompts_text)]
     columns: dict[str, list] = {
         "demo_id": [d for d, _, _ in seqs],
         "problem_id": [demo.problem.problem_id for _, demo, _ in seqs],
@@ -338,10 +338,43 @@ def demos_table(items: Sequence[tuple[str, Demo]], tokenizer: PreTrainedTokenize
     return pa.table(columns, schema=demos_schema(fmt.include_text))
 
 
-def _encode(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]  # one batched call into Rust
+class TextEncoder:
+    """Token ids (no BOS / EOS) for many texts, equal to `tokenizer(texts, add_special_tokens=False)`.
+
+    For a tokenizer of the project's kind (word-level vocabulary after one regex split, no normalizer)
+    it runs that same regex and vocabulary with Python's `re`: ~4x faster than the Rust pipeline on
+    trace text, where tokenization otherwise costs more than solving. Any other tokenizer is called as
+    is. Texts must hold no special-token strings (`check_demo_text`), which the tokenizer would match
+    before splitting.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast):
+        self.tokenizer = tokenizer
+        self.bos_id: int = tokenizer.bos_token_id
+        self.split: re.Pattern[str] | None = None
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+        pattern = (pre.get("pattern") or {}).get("Regex")
+        if (model.get("type") == "WordLevel" and spec.get("normalizer") is None and pre.get("type") == "Split"
+                and pre.get("behavior") == "Isolated" and not pre.get("invert") and pattern is not None):
+            self.split = re.compile(pattern)
+            self.vocab: dict[str, int] = model["vocab"]
+            self.unk: int = self.vocab[model["unk_token"]]
+
+    def __call__(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        if self.split is None:
+            return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        out = []
+        vocab, unk = self.vocab, self.unk
+        for text in texts:
+            pieces = self.split.findall(text)
+            if sum(map(len, pieces)) != len(text):  # text the regex does not cover: let the tokenizer decide
+                out.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            else:
+                out.append([vocab.get(piece, unk) for piece in pieces])
+        return out
 
 
 class DemoWorker:
@@ -354,7 +387,7 @@ class DemoWorker:
         from apr_ray.tokenizer import build_tokenizer
 
         self.config = config
-        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+        self.encoder = TextEncoder(tokenizer if tokenizer is not None else build_tokenizer())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = []
@@ -365,7 +398,7 @@ class DemoWorker:
                 continue
             check_demo_text(demo)
             items.append((f"{self.config.kind}/{problem.problem_id}", demo))
-        return demos_table(items, self.tokenizer, self.config.format)
+        return demos_table(items, self.encoder, self.config.format)
 
 
 # --- summaries from files (pure, streaming) ------------------------------------------------------
@@ -803,6 +836,7 @@ def import_apr(
     from tqdm import tqdm
 
     fmt = fmt or DemoFormat()
+    encoder = TextEncoder(tokenizer)
     json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(f"no file at {json_path}")
@@ -821,7 +855,7 @@ def import_apr(
         nonlocal writer, file_no, rows_in_file
         if not pending:
             return
-        table = demos_table(pending, tokenizer, fmt)
+        table = demos_table(pending, encoder, fmt)
         pending.clear()
         if writer is None or rows_in_file >= rows_per_file:
             if writer is not None:

@@ -299,6 +299,9 @@ class Learner:
 
     def _micro_batches(self, seqs: Sequence[TrainSequence], rl: bool) -> tuple[list[MicroBatch], int]:
         """Micro-batches with batch-global denominators, and how many every rank will run."""
+        if seqs and (seqs[0].sampler_logprobs is not None) != rl:  # mixtures: make_micro_batches refuses them
+            need = "sampler_logprobs on every sequence" if rl else "sequences without sampler_logprobs (demonstrations)"
+            raise ValueError(f"{'grpo_step' if rl else 'sft_step'} needs {need}")
         local = make_micro_batches(seqs, self.cfg.micro_batch_tokens, self.pad_id)
         num_trees = len({s.tree_index for s in seqs if s.tree_index >= 0}) + sum(1 for s in seqs if s.tree_index < 0)
         token_weight = sum(s.weight * len(s.output_ids) for s in seqs)
@@ -307,9 +310,6 @@ class Learner:
         g_trees, g_weight = self._all_sum([num_trees, token_weight])
         if g_trees == 0:
             raise ValueError("empty batch: no rank was given any sequence")
-        if seqs and (seqs[0].sampler_logprobs is not None) != rl:  # mixtures: make_micro_batches refuses them
-            need = "sampler_logprobs on every sequence" if rl else "sequences without sampler_logprobs (demonstrations)"
-            raise ValueError(f"{'grpo_step' if rl else 'sft_step'} needs {need}")
         local = [replace(mb, num_trees=int(round(g_trees)), total_token_weight=g_weight) for mb in local]
         count = self._all_max(len(local))
         dummy = self._dummy_micro_batch(rl, int(round(g_trees)), g_weight)

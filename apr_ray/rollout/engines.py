@@ -85,10 +85,32 @@ def request_seed(base: int | None, tree_seed: int, thread_id: int, segment: int)
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def encode_prompt(tokenizer: Any, text: str, add_bos: bool) -> list[int]:
+class TextCodec:
+    """Text <-> ids for the runtime: the tokenizer's Rust backend when it has one (the Python wrapper's
+    per-id validation costs more than the encoding itself), its plain methods otherwise."""
+
+    def __init__(self, tokenizer: Any):
+        self.bos_token_id: int = tokenizer.bos_token_id
+        self.eos_token_id: int = tokenizer.eos_token_id
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        if self._backend is not None:
+            return self._backend.encode(text, add_special_tokens=False).ids
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        """Special tokens (BOS, PAD, ...) carry no text and are dropped."""
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def encode_prompt(codec: TextCodec, text: str, add_bos: bool) -> list[int]:
     """The ids of a request's prompt: the runtime and the replay engine must agree on them exactly."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return [tokenizer.bos_token_id, *ids] if add_bos else list(ids)
+    ids = codec.encode(text)
+    return [codec.bos_token_id, *ids] if add_bos else ids
 
 
 def _check_request(prompt_ids: list[int], max_new_tokens: int) -> None:
@@ -119,11 +141,12 @@ class ReplayEngine(Engine):
     @classmethod
     def from_demos(cls, demos: Iterable[Demo], tokenizer: Any, add_bos: bool = True) -> ReplayEngine:
         """An engine for flattened demonstrations (`countdown.demos.flatten_apr` / `flatten_sosp`)."""
+        codec = TextCodec(tokenizer)
         completions: dict[tuple[int, ...], list[int]] = {}
         for demo in demos:
             for seq in demo.sequences:
-                key = tuple(encode_prompt(tokenizer, seq.prompt, add_bos))
-                ids = tokenizer.encode(seq.completion, add_special_tokens=False)
+                key = tuple(encode_prompt(codec, seq.prompt, add_bos))
+                ids = codec.encode(seq.completion)
                 if completions.setdefault(key, ids) != ids:
                     raise ValueError(
                         f"two demonstrations answer the same prompt differently (problem "

@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from apr_ray.countdown.checker import check_trace
 from apr_ray.countdown.protocol import MAX_SPAWN_LINES, ProtocolError, Spawn, ThreadProtocol
-from apr_ray.rollout.engines import Engine, GenerationResult, SamplingConfig, encode_prompt, request_seed
+from apr_ray.rollout.engines import Engine, GenerationResult, SamplingConfig, TextCodec, encode_prompt, request_seed
 from apr_ray.types import EndReason, ThreadRecord, TreeMetrics, TreeRecord, critical_path
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Runtime:
 
     def __init__(self, engine: Engine, tokenizer: Any, protocol: ThreadProtocol, cfg: RuntimeConfig | None = None):
         self.engine = engine
-        self.tokenizer = tokenizer
+        self.codec = TextCodec(tokenizer)
         self.protocol = protocol
         self.cfg = cfg or RuntimeConfig()
         if tokenizer.eos_token_id != engine.eos_token_id:
@@ -203,7 +203,7 @@ class Runtime:
     ) -> tuple[ThreadRecord, str]:
         """Issue one engine request and record it. Returns the record and the output text (EOS excluded)."""
         cfg = self.cfg
-        prompt_ids = encode_prompt(self.tokenizer, prompt_text, cfg.add_bos)
+        prompt_ids = encode_prompt(self.codec, prompt_text, cfg.add_bos)
         rec = ThreadRecord(-1, thread_id, parent_id, depth, segment, prompt_ids, [], [], EndReason.ERROR, tree.now())
         tree.records.append(rec)  # at once: a cancelled request keeps its record
         # Ties go to the first: the context window, then the tree budget, then the per-request limit.
@@ -239,7 +239,7 @@ class Runtime:
         tree.tokens += len(ids)
         rec.output_ids, rec.logprobs = list(ids), list(logprobs)
         text_ids = rec.output_ids[:-1] if reason is EndReason.EOS else rec.output_ids
-        output = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        output = self.codec.decode(text_ids)
         self._end(rec, reason, "" if reason is EndReason.EOS else self._limit_detail(reason, rec, tree), tree)
         return rec, output
 

@@ -73,10 +73,15 @@ def test_moves_follow_the_rules(a, b):
             assert y != 0 and x % y == 0 and x // y == value
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 30), min_size=3, max_size=4), st.integers(0, 120))
-def test_is_solvable_matches_expression_tree_oracle(nums, target):
-    assert is_solvable(nums, target) == (target in reachable_values(tuple(nums)))
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.lists(st.integers(0, 99), min_size=1, max_size=4), st.lists(st.integers(0, 12), min_size=5, max_size=5)),
+       st.data())
+def test_is_solvable_matches_expression_tree_oracle(nums, data):
+    values = reachable_values(tuple(nums))
+    # half the targets reachable by construction, the others anywhere (mostly unreachable)
+    target = data.draw(st.one_of(st.sampled_from(sorted(values)), st.integers(0, 2000)))
+    assert is_solvable(nums, target) == (target in values)
+    assert is_solvable(list(reversed(nums)), target) == (target in values)
 
 
 def test_is_solvable_examples():

