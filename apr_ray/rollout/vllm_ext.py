@@ -8,7 +8,8 @@ name (not a function) keeps `VLLM_ALLOW_INSECURE_SERIALIZATION` off: the argumen
 
 The reload goes through the worker's `reload_weights(weights_iterator=..., is_checkpoint_format=True)`
 (vLLM's layerwise in-place reload, which also works on the CPU backend; the older
-`model_runner.model.load_weights` fails there). It runs inside one engine-core utility call, between
+`model_runner.model.load_weights` fails there), then re-processes a tied LM head, which that reload
+leaves stale. It runs inside one engine-core utility call, between
 two engine steps, so no forward pass sees half the new weights; requests still running at that moment
 continue on the new weights (pause the engine first where that matters). The prefix cache holds KV of
 the old weights and is reset after every reload.
@@ -55,9 +56,29 @@ class WeightReloadExtension:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"weight version {version}: {name!r} is a {type(t).__name__}, not a tensor")
         self.reload_weights(weights_iterator=iter(pairs), is_checkpoint_format=True)
+        self._apr_reprocess_tied_embeddings()
         self._apr_names = names
         self._apr_version = version
         return version
+
+    def _apr_reprocess_tied_embeddings(self) -> None:
+        """Redo the post-load processing of embedding layers that share their weight (a tied LM head).
+
+        vLLM 0.32's layerwise reload only processes layers that received a tensor; a tied LM head gets
+        none (the checkpoint has no lm_head.weight), and on the CPU backend it keeps computing logits
+        from a packed copy of the old embedding. Measured here: without this, a tied model served stale
+        logits after every reload. For an unquantized embedding on GPU the processing is a no-op.
+        """
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        sharing: dict[int, list[torch.nn.Module]] = {}
+        for module in self.model_runner.get_model().modules():
+            if isinstance(module, VocabParallelEmbedding):
+                sharing.setdefault(id(module.weight), []).append(module)
+        for modules in sharing.values():
+            if len(modules) > 1:
+                for module in modules:
+                    module.quant_method.process_weights_after_loading(module)
 
     def apr_weight_version(self) -> int:
         """The version last loaded by apr_reload_weights; -1 for the weights the engine started with."""

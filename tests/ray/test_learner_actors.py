@@ -12,6 +12,7 @@ import random
 import pytest
 import ray
 import torch
+from safetensors.torch import load_file
 
 from apr_ray.grpo import GRPOConfig
 from apr_ray.learner.actor import LearnerGroup
@@ -125,11 +126,15 @@ def test_two_ranks_match_one_rank_and_agree(ray_cluster, model_dir, single_rank_
 
         rank0, rank1 = gathered_on_every_rank(group)
         full = group.full_state_dict()
+        initial = load_file(str(model_dir / "model.safetensors"))
         assert full.keys() == ref_state.keys()
         for name, ref in ref_state.items():
             assert torch.equal(rank0[name], rank1[name]), name
             assert torch.equal(full[name], rank0[name]), name
-            torch.testing.assert_close(full[name], ref, rtol=0, atol=1e-5)
+            # the same update as one rank's (compared as a whole: Adam turns float noise in a
+            # near-zero gradient into a +-lr step for that element)
+            update, ref_update = full[name] - initial[name], ref - initial[name]
+            assert (update - ref_update).norm() <= 1e-2 * ref_update.norm(), name
 
         # the object-store transport carries exactly what the group gathered
         handle = group.publish_weights(ObjectStoreTransport(), version=1)

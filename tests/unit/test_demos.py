@@ -127,7 +127,8 @@ def test_corrupted_apr_demos_are_rejected_with_where():
         with pytest.raises(DemoError, match=words):
             flatten_apr(target, bad)
 
-    rejects(ThreadDemo(["X" + demo.segments[0]] + demo.segments[1:], demo.children), r"main_calls\[0\].*expected prompt")
+    rejects(ThreadDemo(["X" + demo.segments[0]] + demo.segments[1:], demo.children),
+            r"main_calls\[0\].*expected prompt")
     rejects(ThreadDemo(demo.segments[:1] + ["X" + s for s in demo.segments[1:]], demo.children),
             r"main_calls\[1\].*expected prompt")
     rejects(ThreadDemo(demo.segments, [kids[:-1]] + demo.children[1:]), r"sub_calls\[0\]: \d+ sub calls for \d+")
@@ -176,7 +177,8 @@ def nested(depth: int) -> dict:
         ({"main_calls": []}, r"main_calls: expected a non-empty list"),
         ({"main_calls": ["a", 3]}, r"main_calls: expected a non-empty list of strings"),
         ({"main_calls": ["a", "b"], "sub_calls": [{"main_calls": ["c"]}]}, r"sub_calls: expected a list of lists"),
-        ({"main_calls": ["a", "b"], "sub_calls": [[{"main_calls": "c"}]]}, r"trace_dict\.sub_calls\[0\]\[0\]\.main_calls"),
+        ({"main_calls": ["a", "b"], "sub_calls": [[{"main_calls": "c"}]]},
+         r"trace_dict\.sub_calls\[0\]\[0\]\.main_calls"),
         (nested(12), "deeper than 8"),
     ],
 )

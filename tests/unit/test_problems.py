@@ -74,8 +74,13 @@ def test_moves_follow_the_rules(a, b):
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.one_of(st.lists(st.integers(0, 99), min_size=1, max_size=4), st.lists(st.integers(0, 12), min_size=5, max_size=5)),
-       st.data())
+@given(
+    st.one_of(
+        st.lists(st.integers(0, 99), min_size=1, max_size=4),
+        st.lists(st.integers(0, 12), min_size=5, max_size=5),
+    ),
+    st.data(),
+)
 def test_is_solvable_matches_expression_tree_oracle(nums, data):
     values = reachable_values(tuple(nums))
     # half the targets reachable by construction, the others anywhere (mostly unreachable)
@@ -229,7 +234,7 @@ def test_unknown_split_is_rejected_by_name():
 @pytest.mark.xfail(strict=True, reason="problems.py ignores negative sizes/counts silently (reported)")
 @pytest.mark.parametrize("call", ["splits", "count"])
 def test_negative_sizes_are_rejected(call):
-    with pytest.raises(ValueError, match="-3"):
+    with pytest.raises(ValueError, match=r"-3|train|count"):
         if call == "splits":
             generate_splits(ProblemConfig(), {"train": -3, "val": 2}, seed=0)
         else:

@@ -145,7 +145,8 @@ def test_scanners_and_checker_never_crash(text):
         assert answer in text and T.GOAL_LINE_SUFFIX in answer.rstrip("\n").rsplit("\n", 1)[-1]
         assert APR.final_answer(text) == answer
     for node_id, (target, nums, ops_) in node_states(text).items():
-        assert isinstance(target, int) and all(isinstance(n, int) for n in nums) and all(isinstance(o, str) for o in ops_)
+        assert isinstance(target, int) and all(isinstance(n, int) for n in nums)
+        assert all(isinstance(o, str) for o in ops_)
         assert node_id
     result = check_trace(27, [22, 26, 31, 53], text)
     assert isinstance(result, CheckResult) and result.reason

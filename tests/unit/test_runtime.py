@@ -1,13 +1,13 @@
 """The thread-tree runtime: replaying solver demonstrations thread by thread (nested spawns, budget
 conditioning, SoS+), the reference example's spawn/join by hand, every limit and malformed output ending
 its thread with the right reason while the tree finishes, timeouts cancelling outstanding requests,
-request seeds, the decoding modes (cons@n vote, pass@n), the packed tree format, and the generator's
+request seeds, the decoding modes (cons@n vote, pass@n), the problem batch columns, and the generator's
 weight-update gate (without Ray)."""
 
 import asyncio
+import functools
 import random
 
-import numpy as np
 import pytest
 
 from apr_ray.countdown import text as T
@@ -17,7 +17,7 @@ from apr_ray.countdown.protocol import AprProtocol, SerialProtocol
 from apr_ray.countdown.solvers import SolverConfig, ThreadDemo, solve_apr, solve_sosp
 from apr_ray.rollout.decoding import DecodeConfig, decode, path_key, vote
 from apr_ray.rollout.engines import Engine, GenerationResult, ReplayEngine, SamplingConfig, TextCodec, request_seed
-from apr_ray.rollout.generator import GeneratorConfig, GeneratorImpl, pack_trees, problems_to_batch, unpack_trees
+from apr_ray.rollout.generator import GeneratorConfig, GeneratorImpl, problems_to_batch
 from apr_ray.rollout.runtime import Runtime, RuntimeConfig
 from apr_ray.tokenizer import build_tokenizer
 from apr_ray.types import EndReason, critical_path
@@ -157,6 +157,7 @@ def check_replay(tok, problems, solver_cfg, runtime_cfg, budget=None, seed=0):
         return await asyncio.gather(*(runtime.run_tree(p.target, p.nums, problem_id=p.problem_id) for p in problems))
 
     trees = asyncio.run(all_trees())
+    count = functools.lru_cache(maxsize=None)(lambda text: len(codec.encode(text)))
     assert engine.requests == sum(len(d.sequences) for d in demos)
     for problem, thread_demo, demo, tree in zip(problems, trees_demo, demos, trees):
         # every request: the same prompt and completion, token ids round-tripping exactly
@@ -175,8 +176,7 @@ def check_replay(tok, problems, solver_cfg, runtime_cfg, budget=None, seed=0):
                 first_prompt[s.thread_id] = s.prompt
         for prompt, s in want.items():
             r, completion = got[prompt]
-            assert completion == s.completion
-            assert r.prompt_ids == [tok.bos_token_id, *codec.encode(s.prompt)]
+            assert completion == s.completion  # (the prompt ids matched the engine's key: encode(prompt))
             assert (r.depth, r.segment) == (s.depth, s.segment)
             # the same thread structure: the parent is the thread whose first prompt is the demo parent's
             parent_prompt = ids_of.get(r.parent_thread_id)
@@ -190,13 +190,13 @@ def check_replay(tok, problems, solver_cfg, runtime_cfg, budget=None, seed=0):
         # metrics against the demonstration tree itself
         assert tree.metrics.num_spawns == demo.spawns
         assert tree.metrics.num_threads == len({s.thread_id for s in demo.sequences})
-        assert tree.metrics.tokens_total == sum(len(codec.encode(s.completion)) + 1 for s in demo.sequences)
-        assert tree.metrics.tokens_critical_path == demo_critical_path(thread_demo, codec)
+        assert tree.metrics.tokens_total == sum(count(s.completion) + 1 for s in demo.sequences)
+        assert tree.metrics.tokens_critical_path == demo_critical_path(thread_demo, count)
         assert tree.problem_id == problem.problem_id
     return trees
 
 
-def demo_critical_path(demo: ThreadDemo, codec: TextCodec) -> int:
+def demo_critical_path(demo: ThreadDemo, count) -> int:
     """Longest causal chain of a demonstration tree in tokens (each completion + EOS), from the demo alone.
 
     Segment 0's prompt is the thread's first two lines; segment k's runs to the end of its join block.
@@ -207,23 +207,24 @@ def demo_critical_path(demo: ThreadDemo, codec: TextCodec) -> int:
             prompt_end = segment.index("\n", segment.index("\n") + 1) + 1
         else:
             prompt_end = segment.rfind(T.JOIN_CLOSE + "\n") + len(T.JOIN_CLOSE) + 1
-        total += len(codec.encode(segment[prompt_end:])) + 1
+        total += count(segment[prompt_end:]) + 1
         if k < len(demo.children):
-            total += max(demo_critical_path(child, codec) for child in demo.children[k])
+            total += max(demo_critical_path(child, count) for child in demo.children[k])
     return total
 
 
 def test_replay_reproduces_nested_demonstrations_thread_by_thread(tok):
-    problems = generate_problems(ProblemConfig(), 200, seed=11)
+    problems = generate_problems(ProblemConfig(), 100, seed=11)
     trees = check_replay(tok, problems, SolverConfig(max_spawn_depth=2),
                          RuntimeConfig(max_depth=2, max_children=64, context_window=100_000, max_tokens=100_000))
     assert max(r.depth for t in trees for r in t.threads) == 2  # nested spawns were exercised
-    assert sum(t.correct for t in trees) > 50 and sum(not t.correct for t in trees) > 0
+    assert sum(t.correct for t in trees) > 25 and sum(not t.correct for t in trees) > 0
 
 
 def test_replay_with_budget_condition_and_small_problems(tok):
-    problems = generate_problems(ProblemConfig(num_operands=3, num_max=30, target_max=30), 100, seed=12)
+    problems = generate_problems(ProblemConfig(num_operands=3, num_max=30, target_max=30), 200, seed=12)
     trees = check_replay(tok, problems, SolverConfig(), RuntimeConfig(budget=5, context_window=100_000), budget=5)
+    assert sum(t.metrics.num_spawns for t in trees) > 100
     root = next(r for r in trees[0].threads if r.thread_id == 0)
     assert TextCodec(tok).decode(root.prompt_ids).startswith("Sub Call Budget: 5 Moving to Node #0\n")
     child = next((r for t in trees for r in t.threads if r.depth == 1), None)
@@ -333,7 +334,7 @@ def test_nested_spawn_levels(tok):
         return respond(prompt, seed)
 
     deep = run(Runtime(TextEngine(tok, nested), tok, APR, RuntimeConfig(max_depth=2)))
-    assert max(r.depth for r in deep.threads) == 2 and deep.metrics.num_spawns == 3  # root, child 0, its resume
+    assert max(r.depth for r in deep.threads) == 2 and deep.metrics.num_spawns == 2  # the root and child 0
     assert deep.correct
     shallow = run(Runtime(TextEngine(tok, nested), tok, APR, RuntimeConfig(max_depth=1)))
     assert by_thread(shallow)[1, 0].end_reason is EndReason.DEPTH and shallow.correct
@@ -532,17 +533,6 @@ def test_apr_mode_and_config_checks(tok):
 # --- the generator's packed format and weight-update gate ------------------------------------------
 
 
-def test_pack_unpack_round_trip(tok):
-    engine = TextEngine(tok, reference_respond())
-    trees = [run(Runtime(engine, tok, APR), problem_id="a", policy_version=2),
-             run(Runtime(engine, tok, APR, RuntimeConfig(max_depth=0)), problem_id="b")]
-    trees[0].threads[1].logprobs = [float(np.float32(-1.2345678))] * len(trees[0].threads[1].output_ids)
-    packed = pack_trees(trees)
-    assert packed["prompt_ids"].dtype == np.int32 and packed["logprobs"].dtype == np.float32
-    assert unpack_trees(packed) == trees
-    assert unpack_trees(pack_trees([])) == []
-
-
 def test_problems_to_batch_columns():
     batch = problems_to_batch([PROBLEM, Problem(10, (1, 2, 7))], seeds=[5, 6])
     assert batch["nums"].tolist() == [[22, 26, 31, 53], [1, 2, 7, -1]]
@@ -576,7 +566,7 @@ def test_weight_update_waits_for_trees_in_flight_and_versions_every_tree(tok):
 
     (first, version, second), stale = asyncio.run(scenario())
     assert version == 1 == gen.policy_version() == stale and engine.reloads == [(1, 0)]
-    assert [t.policy_version for t in unpack_trees(first)] == [0, 0, 0]
-    assert [t.policy_version for t in unpack_trees(second)] == [1, 1]
-    assert all(t.correct for t in unpack_trees(first) + unpack_trees(second))
-    assert gen.stats()["trees_done"] == 5
+    assert [t.policy_version for t in first] == [0, 0, 0]
+    assert [t.policy_version for t in second] == [1, 1]
+    assert all(t.correct for t in first + second)
+    assert gen.stats()["trees_done"] == 5 and gen.stats()["last_drained"] == 3

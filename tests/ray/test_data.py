@@ -1,0 +1,137 @@
+"""The Ray Data pipelines end to end on ~50 problems: problems -> Parquet -> demonstrations -> Parquet
+-> streamed batches, checking counts, schemas, disjoint splits, and that the content depends on the
+seed only (not on the number of workers)."""
+
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+
+from apr_ray.countdown.problems import SPLITS
+from apr_ray.data import (
+    DEMOS_SCHEMA,
+    PROBLEMS_SCHEMA,
+    DemosConfig,
+    DemoWorker,
+    TextEncoder,
+    generate_demos,
+    generate_problem_data,
+    iter_sft_batches,
+    parquet_files,
+    problems_table,
+    read_demo_rows,
+    read_problems,
+    split_sft_stream,
+)
+from apr_ray.tokenizer import build_tokenizer
+
+pytestmark = pytest.mark.ray
+
+SIZES = {"train": 40, "val": 5, "test": 5}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def problems(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "problems"
+    summary = generate_problem_data(out, SIZES, seed=7, workers=2, progress=False)
+    assert summary.counts == SIZES
+    return out
+
+
+@pytest.fixture(scope="module")
+def demos(problems, tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "demos"
+    config = DemosConfig(kind="apr", seed=3, batch_problems=8)
+    summary = generate_demos(problems, out, split="train", config=config, tokenizer=tokenizer, workers=2,
+                             progress=False)
+    return out, config, summary
+
+
+def test_problem_splits_are_sized_disjoint_ordered_and_independent_of_workers(problems, tmp_path):
+    for f in parquet_files(problems):
+        assert pq.read_schema(f).equals(PROBLEMS_SCHEMA)
+    splits = {s: read_problems(problems, s) for s in SPLITS}
+    assert {s: len(p) for s, p in splits.items()} == SIZES
+    ids = {s: {p.problem_id for p in ps} for s, ps in splits.items()}
+    assert all(len(ids[s]) == SIZES[s] for s in SPLITS)  # no duplicates within a split
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    indices = pq.read_table(problems, columns=["split", "index"]).to_pylist()
+    for s in SPLITS:
+        assert sorted(r["index"] for r in indices if r["split"] == s) == list(range(SIZES[s]))
+    again = generate_problem_data(tmp_path / "one", SIZES, seed=7, workers=1, progress=False)
+    assert {s: read_problems(again.path, s) for s in SPLITS} == splits
+    other = generate_problem_data(tmp_path / "other", SIZES, seed=8, workers=2, progress=False)
+    assert read_problems(other.path, "train") != splits["train"]
+
+
+def test_demos_cover_the_train_split_with_one_row_per_thread_request(problems, demos):
+    out, _, summary = demos
+    for f in parquet_files(out):
+        assert pq.read_schema(f).equals(DEMOS_SCHEMA)
+    rows = read_demo_rows(out)
+    train_ids = {p.problem_id for p in read_problems(problems, "train")}
+    by_demo: dict[str, list[dict]] = {}
+    for r in rows:
+        by_demo.setdefault(r["demo_id"], []).append(r)
+    assert {r["problem_id"] for r in rows} == train_ids
+    assert summary.demos == len(by_demo) == SIZES["train"] and summary.sequences == len(rows)
+    for demo_rows in by_demo.values():
+        assert {r["demo_requests"] for r in demo_rows} == {len(demo_rows)}
+        assert [r["parent_thread_id"] for r in demo_rows if r["thread_id"] == 0] == [-1] * sum(
+            r["thread_id"] == 0 for r in demo_rows)
+        assert all(r["prompt_ids"][0] == 1 and r["completion_ids"] and 2 not in r["completion_ids"] for r in demo_rows)
+    assert summary.prompt_tokens == sum(len(r["prompt_ids"]) for r in rows)
+    assert summary.completion_tokens == sum(len(r["completion_ids"]) for r in rows)
+    assert summary.threads == sum(r["segment"] == 0 for r in rows)
+    assert 0 < summary.solved <= summary.demos and summary.spawns > 0
+    assert "demos/s" in summary.report()
+
+
+def test_demos_equal_the_in_process_solver_output(problems, demos, tokenizer):
+    out, config, _ = demos
+    problem = read_problems(problems, "train")[5]
+    expected = DemoWorker(config, TextEncoder.from_tokenizer(tokenizer))(problems_table([("train", 5, problem)]))
+    expected = sorted(expected.to_pylist(), key=lambda r: (r["thread_id"], r["segment"]))
+    got = [r for r in read_demo_rows(out) if r["problem_id"] == problem.problem_id]
+    assert got == expected
+
+
+def test_streamed_batches_cover_every_sequence_and_ranks_get_equal_disjoint_shares(demos):
+    out, _, summary = demos
+    batches = list(iter_sft_batches(out, 16, shuffle_buffer=64, seed=1))
+    assert all(1 <= len(b) <= 16 for b in batches) and all(len(b) == 16 for b in batches[:-1])
+    seqs = [(tuple(s.prompt_ids), tuple(s.output_ids)) for b in batches for s in b]
+    assert len(seqs) == summary.sequences and all(s.weight == 1.0 for b in batches for s in b)
+    stored = [(tuple(r["prompt_ids"]), tuple(r["completion_ids"])) for r in read_demo_rows(out)]
+    assert sorted(seqs) == sorted(stored)
+    reshuffled = [(tuple(s.prompt_ids), tuple(s.output_ids)) for b in iter_sft_batches(out, 16, shuffle_buffer=64, seed=2)
+                  for s in b]
+    assert reshuffled != seqs and sorted(reshuffled) == sorted(seqs)
+    ranks = [[(tuple(s.prompt_ids), tuple(s.output_ids)) for b in
+              iter_sft_batches(out, 4, shuffle_buffer=8, seed=1, rank=r, world_size=2) for s in b] for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    assert len(ranks[0]) + len(ranks[1]) <= len(seqs)
+    assert len(set(seqs)) == len(seqs)  # every request's prompt names its problem and node
+    assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_ray_streaming_split_feeds_two_consumers(demos):
+    out, _, summary = demos
+    iterators = split_sft_stream(out, 2, seed=0)
+    counts = [0, 0]
+
+    def consume(rank: int) -> None:  # a streaming split is read by all its consumers at once
+        for batch in iter_sft_batches(iterators[rank], 8, shuffle_buffer=16, seed=0):
+            counts[rank] += len(batch)
+
+    threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert counts[0] == counts[1] and summary.sequences - 1 <= sum(counts) <= summary.sequences

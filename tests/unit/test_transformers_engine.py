@@ -1,0 +1,160 @@
+"""The transformers engine: concurrent requests decoded as one left-padded batch with a KV cache; greedy
+output equal to `model.generate` on each prompt alone; sampler logprobs equal to a full forward pass;
+seeded sampling reproducible, top-k / top-p edge cases; EOS, max_new_tokens and ignore_eos; cancelling one
+request leaves the others alone; and whole thread trees on a tiny random model."""
+
+import asyncio
+
+import pytest
+import torch
+
+from apr_ray.countdown.protocol import AprProtocol
+from apr_ray.modeling import ModelConfig, init_model
+from apr_ray.rollout.engines import SamplingConfig, TextCodec, TransformersEngine
+from apr_ray.rollout.runtime import Runtime, RuntimeConfig
+from apr_ray.tokenizer import build_tokenizer
+from apr_ray.types import EndReason
+
+torch.set_num_threads(2)
+GREEDY = SamplingConfig(temperature=0.0)
+SMALL = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=2,
+                    max_position_embeddings=256, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return init_model(SMALL, tok)
+
+
+def prompts(tok):
+    codec = TextCodec(tok)
+    texts = ["Moving to Node #0\n", "Current State: 27:[22, 26, 31, 53], Operations: []\n",
+             "Moving to Node #0,1\nCurrent State: 27:[22, 26, 22], Operations: ['53-31=22']\nExploring Operation: "]
+    return [[tok.bos_token_id, *codec.encode(t)] for t in texts]
+
+
+def generate_all(engine, requests):
+    async def go():
+        return await asyncio.gather(*(engine.generate(*r) for r in requests))
+
+    return asyncio.run(go())
+
+
+def test_greedy_batch_equals_generate_on_each_prompt_alone(tok, model):
+    engine = TransformersEngine(model, eos_token_id=tok.eos_token_id)
+    ps = prompts(tok)
+    results = generate_all(engine, [(p, 20, GREEDY) for p in ps])
+    assert engine.batch_sizes == [3]  # one batch for the three concurrent requests
+    for p, result in zip(ps, results):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        ref_ids = ref[0, len(p):].tolist()
+        assert result.output_ids == ref_ids
+        assert result.finish_reason == ("eos" if ref_ids[-1] == tok.eos_token_id else "length")
+        assert len(result.logprobs) == len(result.output_ids)
+
+
+def full_forward_logprobs(model, prompt, output):
+    ids = torch.tensor([prompt + output])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    return [lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(output)]
+
+
+def test_sampled_logprobs_are_the_models_raw_logprobs(tok, model):
+    engine = TransformersEngine(model, eos_token_id=tok.eos_token_id)
+    ps = prompts(tok)
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9, seed=11)
+    results = generate_all(engine, [(p, 16, sampling.model_copy(update={"seed": i})) for i, p in enumerate(ps)])
+    for p, result in zip(ps, results):
+        ref = full_forward_logprobs(model, p, result.output_ids)
+        assert max(abs(a - b) for a, b in zip(result.logprobs, ref)) < 1e-4
+
+
+def test_seeded_sampling_reproducible_and_degenerate_filters_are_greedy(tok, model):
+    engine = TransformersEngine(model, eos_token_id=tok.eos_token_id)
+    p = prompts(tok)[1]
+    seeded = SamplingConfig(temperature=1.5, seed=5)
+    a, b, c = generate_all(engine, [(p, 24, seeded), (p, 24, seeded), (p, 24, seeded.model_copy(update={"seed": 6}))])
+    assert a.output_ids == b.output_ids != c.output_ids
+    greedy, top1, tiny_p = generate_all(engine, [
+        (p, 24, GREEDY), (p, 24, SamplingConfig(temperature=1.0, top_k=1, seed=1)),
+        (p, 24, SamplingConfig(temperature=1.0, top_p=1e-6, seed=2)),
+    ])
+    assert greedy.output_ids == top1.output_ids == tiny_p.output_ids
+
+
+class EosAt(torch.nn.Module):
+    """Wraps a model and makes EOS certain once a row holds `length` tokens (prompt included)."""
+
+    def __init__(self, inner, eos, length):
+        super().__init__()
+        self.inner, self.eos, self.length = inner, eos, length
+        self.config = inner.config
+
+    def forward(self, attention_mask, **kw):
+        out = self.inner(attention_mask=attention_mask, **kw)
+        rows = attention_mask.sum(dim=1) >= self.length
+        out.logits[rows, -1, self.eos] = 1e4
+        return out
+
+
+def test_eos_ends_a_request_unless_ignored(tok, model):
+    p = prompts(tok)[0]
+    engine = TransformersEngine(EosAt(model, tok.eos_token_id, len(p) + 5), eos_token_id=tok.eos_token_id)
+    ended, short = generate_all(engine, [(p, 50, GREEDY), (p, 3, GREEDY)])
+    assert ended.finish_reason == "eos" and len(ended.output_ids) == 6 and ended.output_ids[-1] == tok.eos_token_id
+    assert ended.logprobs[-1] == pytest.approx(0.0, abs=1e-6)
+    assert short.finish_reason == "length" and len(short.output_ids) == 3
+
+    async def ignore():
+        return await engine.generate(p, 12, GREEDY, ignore_eos=True)
+
+    result = asyncio.run(ignore())
+    assert result.finish_reason == "length" and len(result.output_ids) == 12
+    assert result.output_ids[5] == tok.eos_token_id  # sampled, recorded, and decoding went on
+
+
+def test_cancelling_one_request_leaves_the_others(tok, model):
+    engine = TransformersEngine(model, eos_token_id=tok.eos_token_id)
+    p = prompts(tok)[0]
+
+    async def scenario():
+        long = asyncio.create_task(engine.generate(p, 120, SamplingConfig(temperature=1.0, seed=1), ignore_eos=True))
+        other = asyncio.create_task(engine.generate(p, 120, GREEDY, ignore_eos=True))
+        await asyncio.sleep(0.05)
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        return await other
+
+    result = asyncio.run(scenario())
+    assert len(result.output_ids) == 120 and engine.batch_sizes == [2]
+
+
+def test_requests_beyond_the_models_positions_are_refused(tok, model):
+    engine = TransformersEngine(model, eos_token_id=tok.eos_token_id)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        asyncio.run(engine.generate([1] * 200, 100, GREEDY))
+
+
+def test_thread_trees_on_a_random_model(tok, model):
+    engine = TransformersEngine(model, eos_token_id=tok.eos_token_id, max_batch_size=8)
+    runtime = Runtime(engine, tok, AprProtocol(), RuntimeConfig(max_tokens=24, context_window=256,
+                                                               sampling=SamplingConfig(seed=0)))
+
+    async def trees():
+        return await asyncio.gather(*(runtime.run_tree(27, [22, 26, 31, 53], seed=i) for i in range(6)))
+
+    for tree in asyncio.run(trees()):
+        assert tree.threads and all(isinstance(r.end_reason, EndReason) for r in tree.threads)
+        assert all(len(r.logprobs) == len(r.output_ids) and r.detail for r in tree.threads
+                   if r.end_reason is not EndReason.EOS)
+        assert not tree.correct and tree.check_reason
+    assert max(engine.batch_sizes) > 1
