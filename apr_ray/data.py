@@ -348,8 +348,8 @@ class TextEncoder:
     Built from the tokenizer's serialised form, so Ray workers need `tokenizers` but not
     `transformers` (~2 s of imports per worker). For a tokenizer of the project's kind (word-level
     vocabulary after one regex split, no normalizer) it runs that same regex and vocabulary with
-    Python's `re`: ~4x faster than the Rust pipeline on trace text, where tokenization otherwise costs
-    more than solving. Any other tokenizer runs as is. Texts must hold no special-token strings
+    Python's `re`: several times faster than the Rust pipeline on trace text (bench/results.md), where
+    tokenization otherwise costs more than solving. Any other tokenizer runs as is. Texts must hold no special-token strings
     (`check_demo_text`), which the tokenizer would match before splitting.
     """
 
@@ -362,9 +362,11 @@ class TextEncoder:
         pattern = (pre.get("pattern") or {}).get("Regex")
         if (model.get("type") == "WordLevel" and parsed.get("normalizer") is None and pre.get("type") == "Split"
                 and pre.get("behavior") == "Isolated" and not pre.get("invert") and pattern is not None):
-            self.split = re.compile(pattern)
-            self.vocab: dict[str, int] = model["vocab"]
-            self.unk: int = self.vocab[model["unk_token"]]
+            split = re.compile(pattern)
+            if split.groups == 0:  # findall returns whole matches only when the pattern captures nothing
+                self.split = split
+                self.vocab: dict[str, int] = model["vocab"]
+                self.unk: int = self.vocab[model["unk_token"]]
 
     @classmethod
     def from_tokenizer(cls, tokenizer: PreTrainedTokenizerFast) -> TextEncoder:
@@ -475,15 +477,20 @@ def count_problems(path: str | Path) -> dict[str, int]:
 # --- readers (pyarrow; no Ray needed) ------------------------------------------------------------
 
 
-def read_problems(path: str | Path, split: str) -> list[Problem]:
-    """The problems of one split, in their canonical order (the `index` column)."""
+def read_problems_table(path: str | Path, split: str, limit: int | None = None) -> pa.Table:
+    """One split's rows (PROBLEMS_SCHEMA), ordered by index; `limit` keeps the first `limit`."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    tables = [pq.read_table(f, columns=["split", "index", "target", "nums"], filters=[("split", "=", split)])
-              for f in parquet_files(path)]
-    table = pa.concat_tables(tables).sort_by("index")
+    filters = [("split", "=", split)] + ([("index", "<", limit)] if limit is not None else [])
+    table = pa.concat_tables([pq.read_table(f, filters=filters, schema=PROBLEMS_SCHEMA) for f in parquet_files(path)])
     if table.num_rows == 0:
         raise ValueError(f"{path}: no problems in split {split!r}; it holds {count_problems(path) or 'none'}")
+    return table.sort_by("index")
+
+
+def read_problems(path: str | Path, split: str) -> list[Problem]:
+    """The problems of one split, in their canonical order (the `index` column)."""
+    table = read_problems_table(path, split)
     return [Problem(t, tuple(n)) for t, n in zip(table["target"].to_pylist(), table["nums"].to_pylist())]
 
 
@@ -634,18 +641,16 @@ def generate_problem_data(
     return ProblemsSummary(str(out), count_problems(out), time.perf_counter() - start)
 
 
-def problems_dataset(path: str | Path, split: str, limit: int | None = None) -> Dataset:
-    """A Ray dataset of one split's problems; `limit` keeps the first `limit` by index."""
-    import ray.data
-    from ray.data.expressions import col
+def problems_dataset(path: str | Path, split: str, limit: int | None = None, block_rows: int = 1024) -> Dataset:
+    """A Ray dataset of one split's problems in index order, `block_rows` per block.
 
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    files = [str(f) for f in parquet_files(path)]
-    predicate = col("split") == split
-    if limit is not None:
-        predicate = predicate & (col("index") < limit)
-    return ray.data.read_parquet(files).filter(expr=predicate)
+    Read on the driver (a problem is ~40 bytes: 500k fit in ~20 MB) and handed over as separate blocks:
+    Ray Data gives each input bundle to one task, so one block per file would run one task per file.
+    """
+    import ray.data
+
+    table = read_problems_table(path, split, limit)
+    return ray.data.from_arrow([table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)])
 
 
 def generate_demos(
@@ -668,7 +673,7 @@ def generate_demos(
         raise ValueError(f"workers must be >= 1, got {workers}")
     cfg = config or DemosConfig()
     start = time.perf_counter()
-    ds = problems_dataset(problems_path, split, limit)
+    ds = problems_dataset(problems_path, split, limit, block_rows=cfg.batch_problems)
     out = _prepare_output(out_dir, overwrite)
     _progress(progress)
     if tokenizer is None:
@@ -676,8 +681,6 @@ def generate_demos(
 
         tokenizer = build_tokenizer()
     encoder = TextEncoder.from_tokenizer(tokenizer)
-    # one block per batch (streaming, no shuffle): a problems file is one block, which one task would solve alone
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_problems)
     ds = ds.map_batches(_demos_batch, fn_kwargs={"config": cfg, "encoder": encoder}, batch_size=cfg.batch_problems,
                         batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=1)
     ds.write_parquet(str(out))
@@ -692,7 +695,7 @@ def split_sft_stream(demos_path: str | Path, world_size: int, *, seed: int) -> l
     import ray.data
 
     files = [str(f) for f in parquet_files(demos_path)]
-    ds = ray.data.read_parquet(files, columns=SFT_COLUMNS).randomize_block_order(seed=seed)
+    ds = ray.data.read_parquet(files).select_columns(SFT_COLUMNS).randomize_block_order(seed=seed)
     return ds.streaming_split(world_size, equal=True)
 
 

@@ -66,7 +66,8 @@ def to_wire(state_dict: Mapping[str, Tensor]) -> list[WireTensor]:
         if not isinstance(t, Tensor):
             raise TypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a torch.Tensor")
         flat = t.detach().to("cpu").contiguous().reshape(-1)
-        out.append(WireTensor(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), flat.view(torch.uint8).numpy()))
+        dtype = str(t.dtype).removeprefix("torch.")
+        out.append(WireTensor(name, dtype, tuple(t.shape), flat.view(torch.uint8).numpy()))
     return out
 
 

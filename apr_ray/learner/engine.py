@@ -196,7 +196,7 @@ class Learner:
         self.cfg = cfg
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"model_dir {self.model_dir}: no config.json (expected a Hugging Face model dir)")
+            raise FileNotFoundError(f"model_dir {self.model_dir}: no config.json (not a Hugging Face model dir)")
         self.dist = dist or DistInfo()
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
@@ -210,7 +210,7 @@ class Learner:
         self.hf_config = AutoConfig.from_pretrained(self.model_dir)
         pad = self.hf_config.pad_token_id
         if pad is None:
-            raise ValueError(f"{self.model_dir / 'config.json'}: pad_token_id is not set; the learner pads with it")
+            raise ValueError(f"{self.model_dir / 'config.json'}: no pad_token_id (the learner pads with it)")
         self.pad_id = int(pad)
 
         # Stage 0 in fp32 is the one set-up where DeepSpeed clips through its own helper and reports no
@@ -295,16 +295,29 @@ class Learner:
     # ------------------------------------------------------------------ batches
 
     def _micro_batches(self, seqs: Sequence[TrainSequence], rl: bool) -> tuple[list[MicroBatch], int]:
-        """Micro-batches with batch-global denominators, and how many every rank will run."""
-        if seqs and (seqs[0].sampler_logprobs is not None) != rl:  # mixtures: make_micro_batches refuses them
-            need = "sampler_logprobs on every sequence" if rl else "sequences without sampler_logprobs (demonstrations)"
-            raise ValueError(f"{'grpo_step' if rl else 'sft_step'} needs {need}")
-        local = make_micro_batches(seqs, self.cfg.micro_batch_tokens, self.pad_id)
-        num_trees = len({s.tree_index for s in seqs if s.tree_index >= 0}) + sum(1 for s in seqs if s.tree_index < 0)
+        """Micro-batches with batch-global denominators, and how many every rank will run.
+
+        A rank that rejects its share tells the others before raising, so that none waits in a collective.
+        """
+        error: ValueError | None = None
+        try:
+            if seqs and (seqs[0].sampler_logprobs is not None) != rl:  # make_micro_batches refuses mixtures
+                if rl:
+                    raise ValueError("grpo_step needs sampler_logprobs on every sequence")
+                raise ValueError("sft_step needs sequences without sampler_logprobs (demonstrations)")
+            local = make_micro_batches(seqs, self.cfg.micro_batch_tokens, self.pad_id)
+        except ValueError as e:
+            error, local = e, []
+        num_trees = len({s.tree_index for s in seqs if s.tree_index >= 0})
+        num_trees += sum(1 for s in seqs if s.tree_index < 0)  # a demonstration counts as a tree
         token_weight = sum(s.weight * len(s.output_ids) for s in seqs)
         # Sequences of one tree must sit on one rank for this sum to count each tree once
         # (actor.split_by_tree guarantees it).
-        g_trees, g_weight = self._all_sum([num_trees, token_weight])
+        g_trees, g_weight, g_errors = self._all_sum([num_trees, token_weight, error is not None])
+        if error is not None:
+            raise error
+        if g_errors:
+            raise ValueError(f"{int(g_errors)} other learner rank(s) rejected their share of the batch")
         if g_trees == 0:
             raise ValueError("empty batch: no rank was given any sequence")
         local = [replace(mb, num_trees=int(round(g_trees)), total_token_weight=g_weight) for mb in local]
@@ -372,7 +385,7 @@ class Learner:
         t0 = time.perf_counter()
         batches, num_real = self._micro_batches(seqs, rl=False)
         sums = self._optimizer_step(batches, num_real, lambda lp, mb, i: sft_loss(lp, mb))
-        out = self._reduce(sums, ["loss", "tokens", "seq_tokens", "nll"])
+        out = self._reduce(sums, ["loss", "tokens", "seq_tokens", "nll"]) | {"grad_norm": self._grad_norm()}
         return self._finish(out, t0, len(batches))
 
     def grpo_step(self, seqs: Sequence[TrainSequence], grpo: GRPOConfig) -> dict[str, float]:
@@ -411,12 +424,11 @@ class Learner:
         out["seq_tokens"] = per_step[0]["seq_tokens"] * len(per_step)
         out["ratio_mean_first"] = per_step[0]["ratio_mean"]  # on-policy this is 1 up to sampler/trainer drift
         out["loss_last"] = per_step[-1]["loss"]
-        return self._finish(out, t0, len(batches) * len(per_step), grad_norm=out["grad_norm"])
+        return self._finish(out, t0, len(batches) * len(per_step))
 
-    def _finish(self, out: dict[str, float], t0: float, micro_batches: int, grad_norm: float | None = None) -> dict[str, float]:
+    def _finish(self, out: dict[str, float], t0: float, micro_batches: int) -> dict[str, float]:
         wall = time.perf_counter() - t0
         out |= {
-            "grad_norm": self._grad_norm() if grad_norm is None else grad_norm,
             "lr": float(self.engine.get_lr()[0]),
             "step": float(self.step),
             "micro_batches": float(micro_batches),
@@ -502,5 +514,6 @@ class Learner:
         config = self.hf_config.__class__.from_dict(self.hf_config.to_dict())
         config.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
         config.save_pretrained(out)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        weights = {k: v.contiguous() for k, v in state.items()}
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
         return out

@@ -128,7 +128,9 @@ async def decode_problem(runtime: Runtime, problem: Problem, cfg: DecodeConfig, 
     )
 
 
-async def decode(engine: Engine, tokenizer: Any, problems: Sequence[Problem], cfg: DecodeConfig, seed: int = 0) -> list[DecodeResult]:
+async def decode(
+    engine: Engine, tokenizer: Any, problems: Sequence[Problem], cfg: DecodeConfig, seed: int = 0
+) -> list[DecodeResult]:
     """Every problem in `cfg.mode`, `max_concurrent_problems` at a time; results in input order."""
     runtime = runtime_for(engine, tokenizer, cfg)
     return await bounded_gather(

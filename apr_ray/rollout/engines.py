@@ -100,6 +100,12 @@ class TextCodec:
             return self._backend.encode(text, add_special_tokens=False).ids
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text; the backend encodes them in parallel."""
+        if self._backend is not None:
+            return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+        return [self.encode(t) for t in texts]
+
     def decode(self, ids: list[int]) -> str:
         """Special tokens (BOS, PAD, ...) carry no text and are dropped."""
         if self._backend is not None:
@@ -142,16 +148,16 @@ class ReplayEngine(Engine):
     def from_demos(cls, demos: Iterable[Demo], tokenizer: Any, add_bos: bool = True) -> ReplayEngine:
         """An engine for flattened demonstrations (`countdown.demos.flatten_apr` / `flatten_sosp`)."""
         codec = TextCodec(tokenizer)
+        seqs = [(demo, seq) for demo in demos for seq in demo.sequences]
+        prompts = codec.encode_many([seq.prompt for _, seq in seqs])
+        bos = [codec.bos_token_id] if add_bos else []
         completions: dict[tuple[int, ...], list[int]] = {}
-        for demo in demos:
-            for seq in demo.sequences:
-                key = tuple(encode_prompt(codec, seq.prompt, add_bos))
-                ids = codec.encode(seq.completion)
-                if completions.setdefault(key, ids) != ids:
-                    raise ValueError(
-                        f"two demonstrations answer the same prompt differently (problem "
-                        f"{demo.problem.problem_id}, thread {seq.thread_id}): {seq.prompt[:120]!r}"
-                    )
+        for (demo, seq), prompt, ids in zip(seqs, prompts, codec.encode_many([seq.completion for _, seq in seqs])):
+            if completions.setdefault(tuple(bos + prompt), ids) != ids:
+                raise ValueError(
+                    f"two demonstrations answer the same prompt differently (problem "
+                    f"{demo.problem.problem_id}, thread {seq.thread_id}): {seq.prompt[:120]!r}"
+                )
         return cls(completions, tokenizer.eos_token_id)
 
     async def generate(self, prompt_ids, max_new_tokens, sampling, *, ignore_eos=False):

@@ -178,8 +178,8 @@ class GeneratorImpl:
         return self.version
 
     def stats(self) -> dict[str, float]:
-        return {"policy_version": self.version, "trees_in_flight": self._in_flight,
-                "trees_done": self.trees_done, "tokens_done": self.tokens_done, "last_reload_s": self.last_reload_s, "last_drained": self.last_drained}
+        return {"policy_version": self.version, "trees_in_flight": self._in_flight, "trees_done": self.trees_done,
+                "tokens_done": self.tokens_done, "last_reload_s": self.last_reload_s, "last_drained": self.last_drained}
 
     def shutdown(self) -> None:
         if self.engine is not None and hasattr(self.engine, "shutdown"):

@@ -124,9 +124,10 @@ class Runtime:
         """One rollout. `seed` distinguishes samples of the same problem when `sampling.seed` is set."""
         tree = _Tree(int(target), [int(n) for n in nums], seed, time.perf_counter())
         final_text: str | None = None
+        root_prompt = self.protocol.root_prompt(tree.target, tree.nums, self.cfg.budget)
         try:
             async with asyncio.timeout(self.cfg.timeout_s):
-                final_text = await self._thread(tree, 0, -1, 0, self.protocol.root_prompt(tree.target, tree.nums, self.cfg.budget))
+                final_text = await self._thread(tree, 0, -1, 0, root_prompt)
         except TimeoutError:
             tree.timed_out = True
         except Exception as err:  # a runtime defect must not take the other trees of the batch down with it
@@ -286,7 +287,8 @@ class Runtime:
         )
         if final_text is not None:
             verdict = check_trace(tree.target, tree.nums, final_text)
-            answer, correct, reason = self.protocol.final_answer(final_text), verdict.ok, "" if verdict.ok else verdict.reason
+            answer, correct = self.protocol.final_answer(final_text), verdict.ok
+            reason = "" if verdict.ok else verdict.reason
         else:
             answer, correct = None, False
             if tree.timed_out:

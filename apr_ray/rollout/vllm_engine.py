@@ -40,8 +40,8 @@ class WireReloadExtension(WeightReloadExtension):
     """
 
     def apr_reload_wire(self, items: Sequence[Sequence[Any]], version: int) -> int:
-        return self.apr_reload_weights([(name, tensor_from_bytes(dtype, shape, data)) for name, dtype, shape, data in items],
-                                       version)
+        named = [(name, tensor_from_bytes(dtype, shape, data)) for name, dtype, shape, data in items]
+        return self.apr_reload_weights(named, version)
 
 
 def tensor_to_wire(name: str, tensor: torch.Tensor) -> tuple[str, str, list[int], bytes]:
@@ -75,7 +75,9 @@ class VllmEngineConfig(BaseModel):
         512 * 1024**2, ge=1024**2,
         description="KV-cache size; vLLM's CPU default (92% of RAM) cannot start inside Ray (stack.md pitfall 2)",
     )
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="GPU share, when kv_cache_memory_bytes is None")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="GPU memory share, used when kv_cache_memory_bytes is None"
+    )
     enable_prefix_caching: bool = Field(True, description="reuse KV of shared prefixes (a parent resumed after a join)")
     enforce_eager: bool = Field(True, description="skip graph capture: faster start, slower steps on GPU")
     seed: int = Field(0, description="engine seed (unseeded requests draw from it)")

@@ -3,16 +3,17 @@
 `WeightReloadExtension` is a vLLM worker extension: start the engine with
 `worker_extension_cls="apr_ray.rollout.vllm_ext.WeightReloadExtension"` and vLLM mixes it into every
 worker, so its methods are reachable with `collective_rpc(<method name>, args=...)`. Passing a method
-name (not a function) keeps `VLLM_ALLOW_INSECURE_SERIALIZATION` off: the arguments are a list of
-(name, tensor) pairs and an int, which vLLM's msgpack encoder carries as they are.
+name (not a function) keeps `VLLM_ALLOW_INSECURE_SERIALIZATION` off. With an in-process engine
+(`vllm.LLM` and `VLLM_ENABLE_V1_MULTIPROCESSING=0`) the (name, tensor) pairs reach the worker as they
+are; across vLLM's engine-core process boundary (AsyncLLM) tensors do not survive its msgpack, and
+`apr_ray.rollout.vllm_engine.WireReloadExtension` sends raw bytes to the same reload instead.
 
 The reload goes through the worker's `reload_weights(weights_iterator=..., is_checkpoint_format=True)`
 (vLLM's layerwise in-place reload, which also works on the CPU backend; the older
 `model_runner.model.load_weights` fails there), then re-processes a tied LM head, which that reload
-leaves stale. It runs inside one engine-core utility call, between
-two engine steps, so no forward pass sees half the new weights; requests still running at that moment
-continue on the new weights (pause the engine first where that matters). The prefix cache holds KV of
-the old weights and is reset after every reload.
+leaves stale. It runs inside one engine-core utility call, between two engine steps, so no forward pass
+sees half the new weights; requests still running at that moment continue on the new weights (pause the
+engine first where that matters). The prefix cache holds KV of the old weights: reset it after a reload.
 
 This module is imported inside vLLM worker processes: it must not import Ray or other apr_ray modules.
 """
@@ -41,7 +42,7 @@ class WeightReloadExtension:
         reload's (a partial set would leave the model half-updated).
         """
         if version <= self._apr_version:
-            raise ValueError(f"weight version {version} is not newer than the served version {self._apr_version}")
+            raise ValueError(f"weight version {version} is not newer than the one served ({self._apr_version})")
         pairs = [(str(name), tensor) for name, tensor in named_tensors]  # msgpack turns tuples into lists
         names = frozenset(n for n, _ in pairs)
         if len(names) != len(pairs):
@@ -50,7 +51,8 @@ class WeightReloadExtension:
             missing = sorted(self._apr_names - names)[:5]
             extra = sorted(names - self._apr_names)[:5]
             raise ValueError(
-                f"weight version {version}: names differ from the first reload's (missing {missing}, unexpected {extra})"
+                f"weight version {version}: names differ from the first reload's"
+                f" (missing {missing}, unexpected {extra})"
             )
         for name, t in pairs:
             if not isinstance(t, torch.Tensor):
@@ -86,12 +88,12 @@ class WeightReloadExtension:
 
 
 def reload_weights(llm: Any, named_tensors: Sequence[tuple[str, torch.Tensor]], version: int) -> list[int]:
-    """Reload every worker of an offline `vllm.LLM` and reset its prefix cache; the versions served."""
+    """Reload every worker of an in-process `vllm.LLM` and reset its prefix cache; the versions served."""
     versions = llm.collective_rpc(RELOAD_METHOD, args=(list(named_tensors), version))
     llm.reset_prefix_cache()
     return versions
 
 
 def weight_versions(llm: Any) -> list[int]:
-    """The weight version each worker of an offline `vllm.LLM` serves."""
+    """The weight version each worker of a `vllm.LLM` serves."""
     return llm.collective_rpc(VERSION_METHOD)

@@ -36,7 +36,9 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def generator(model_dir):
     path, _, _ = model_dir
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # another module of the session may hold a cluster: reuse it
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     cfg = {
         "engine": {"model": str(path), "max_model_len": 1024, "kv_cache_memory_bytes": 256 * 1024**2},
         "runtime": {**RUNTIME, "sampling": {"temperature": 1.0, "seed": 0}},
@@ -45,7 +47,9 @@ def generator(model_dir):
     ray.get(actor.start.remote(), timeout=300)
     yield actor
     ray.get(actor.shutdown.remote())
-    ray.shutdown()
+    ray.kill(actor)
+    if started:
+        ray.shutdown()
 
 
 def check_trees(trees, tok, version):
@@ -99,6 +103,7 @@ def test_weight_update_while_trees_run(generator, model_dir):
     # a stale handle is ignored; the original weights as version 2 give back the version-0 tokens exactly
     assert ray.get(generator.update_weights.remote(scaled)) == 1
     assert ray.get(generator.update_weights.remote(transport.publish(weights, version=2))) == 2
-    v2 = [[r.output_ids for r in t.threads] for t in ray.get(generator.run_trees.remote(problems_to_batch(problems[:8])))]
+    again = ray.get(generator.run_trees.remote(problems_to_batch(problems[:8])))
+    v2 = [[r.output_ids for r in t.threads] for t in again]
     v0 = [[r.output_ids for r in t.threads] for t in during[:8]]
     assert v2 == v0  # seeded sampling: same seeds, same weights, same tokens

@@ -6,6 +6,7 @@ project's tokenizer, so a run takes seconds.
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -46,7 +47,9 @@ def learner_cfg(**kw) -> LearnerConfig:
 def random_seqs(n: int, seed: int, prompt: int = 4, output: int = 12) -> list[TrainSequence]:
     rng = random.Random(seed)
     return [
-        TrainSequence([rng.randrange(4, 1000) for _ in range(prompt)], [rng.randrange(4, 1000) for _ in range(output)])
+        TrainSequence(
+            [rng.randrange(4, 1000) for _ in range(prompt)], [rng.randrange(4, 1000) for _ in range(output)]
+        )
         for _ in range(n)
     ]
 
@@ -139,6 +142,29 @@ def test_zero3_full_state_dict_equals_stage0_after_the_same_steps(model_dir):
     for name in plain:
         assert gathered[name].shape == plain[name].shape, name  # a ZeRO-3 partition would be flat
         torch.testing.assert_close(gathered[name], plain[name], rtol=0, atol=1e-5)  # float noise of two Adam paths
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(model_dir):
+    seqs = random_seqs(4, seed=11)
+    plain = Learner(learner_cfg(), model_dir).sft_step(seqs)
+    ckpt = Learner(learner_cfg(gradient_checkpointing=True), model_dir).sft_step(seqs)
+    assert ckpt["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    assert ckpt["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_bf16_trains_and_exports_bf16(model_dir, tmp_path, stage):
+    """The GPU default (bf16 weights, fp32 optimizer masters), run on the CPU."""
+    import json
+
+    learner = Learner(learner_cfg(zero_stage=stage, precision="bf16", lr=1e-2), model_dir)
+    seqs = random_seqs(4, seed=12)
+    losses = [learner.sft_step(seqs)["loss"] for _ in range(15)]
+    assert losses[-1] < 0.5 * losses[0] and math.isfinite(learner.sft_step(seqs)["grad_norm"])
+    state = learner.full_state_dict()
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    out = learner.export_hf(tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize("kl_coef", [0.0, 0.05])

@@ -266,7 +266,8 @@ def test_replay_miss_of_one_child_reports_no_solution_to_the_parent(tok):
     assert [codec.decode(r.prompt_ids) for r in errors if r.depth == 1] == [child.prompt]
     root = by_thread(tree)[(0, 1)]
     node = child.prompt.split("\n", 1)[0].removeprefix("Moving to Node #")
-    assert f"at Node #{node}>" in codec.decode(root.prompt_ids) and "<No Solution in Sub Search" in codec.decode(root.prompt_ids)
+    joined = codec.decode(root.prompt_ids)
+    assert f"at Node #{node}>" in joined and "<No Solution in Sub Search" in joined
 
 
 # --- spawn / join by hand ------------------------------------------------------------------------
@@ -305,7 +306,8 @@ def test_max_children_runs_the_first_and_reports_the_rest_as_no_solution(tok):
     assert t[0, 0].spawned_thread_ids == [1] and "max_children" in t[0, 0].detail
     assert CHILD_1_PROMPT not in engine.prompts
     joined = TextCodec(tok).decode(t[0, 1].prompt_ids)
-    assert "<No Solution in Sub Search 0 at level 1 at Node #0,0>\n<No Solution in Sub Search 1 at level 1 at Node #0,1>\n" in joined
+    assert ("<No Solution in Sub Search 0 at level 1 at Node #0,0>\n"
+            "<No Solution in Sub Search 1 at level 1 at Node #0,1>\n") in joined
     assert not tree.correct
 
 
@@ -397,7 +399,8 @@ def test_timeout_cancels_outstanding_requests(tok):
 
 def test_model_written_join_block_is_malformed(tok):
     fake = EXPAND + "<Sub Searches>\n<Goal Reached in Sub Search 1 at level 1 at Node #0,1>\n" + CHILD_1_PATH
-    tree = run(Runtime(TextEngine(tok, reference_respond({ROOT_PROMPT: fake + "<End Sub Searches>\n" + FINAL_OUT})), tok, APR))
+    respond = reference_respond({ROOT_PROMPT: fake + "<End Sub Searches>\n" + FINAL_OUT})
+    tree = run(Runtime(TextEngine(tok, respond), tok, APR))
     (rec,) = tree.threads
     assert rec.end_reason is EndReason.MALFORMED and "runtime-owned" in rec.detail
     assert tree.final_answer is None and not tree.correct
@@ -406,15 +409,16 @@ def test_model_written_join_block_is_malformed(tok):
 @pytest.mark.parametrize(
     ("child_out", "why"),
     [
-        (T.SPAWN_OPEN + "\n<Start Sub Search 0 at level 2> Moving to Node #0,1,7\n" + T.SPAWN_CLOSE + "\n", "never generated"),
+        (T.SPAWN_OPEN + "\n" + T.spawn_child_line(0, 2, "0,1,7") + T.SPAWN_CLOSE + "\n", "never generated"),
         (T.SPAWN_OPEN + "\n<Start Sub Search 0 at level 2> Moving to Node #0,1\n", "did not end"),
         ("garbage\n" + T.SPAWN_CLOSE + "\n", "without"),
-        (EXPAND.replace("#0,", "#0,1,") + SPAWN.replace("#0,", "#0,1,").replace("level 1", "level 2") * 2, "more than one"),
+        (EXPAND.replace("#0,", "#0,1,") + SPAWN.replace("#0,", "#0,1,").replace("level 1", "level 2") * 2,
+         "more than one"),
     ],
 )
 def test_malformed_child_spawn_ends_the_child_and_the_parent_sees_no_solution(tok, child_out, why):
-    runtime = Runtime(TextEngine(tok, reference_respond({CHILD_1_PROMPT: child_out})), tok, APR, RuntimeConfig(max_depth=2))
-    tree = run(runtime)
+    engine = TextEngine(tok, reference_respond({CHILD_1_PROMPT: child_out}))
+    tree = run(Runtime(engine, tok, APR, RuntimeConfig(max_depth=2)))
     t = by_thread(tree)
     assert t[2, 0].end_reason is EndReason.MALFORMED and why in t[2, 0].detail
     assert "<No Solution in Sub Search 1 at level 1 at Node #0,1>" in TextCodec(tok).decode(t[0, 1].prompt_ids)

@@ -42,9 +42,11 @@ class FuzzEngine(Engine):
         prompt = CODEC.decode(prompt_ids)
         m = NODE_RE.search(prompt)
         node = m[1] if m else "0"
-        plan = self.plans[self.requests] if self.requests < len(self.plans) else ([lambda n, d: "No solution found.\n"], None, True)
+        if self.requests < len(self.plans):
+            fragments, cut, eos = self.plans[self.requests]
+        else:
+            fragments, cut, eos = [const("No solution found.\n")], None, True
         self.requests += 1
-        fragments, cut, eos = plan
         text = "".join(fragment(node, node.count(",")) for fragment in fragments)
         if cut is not None:
             text = text[: cut % (len(text) + 1)]
@@ -83,7 +85,8 @@ def spawn(children, close, level_shift):
 
 def many_children(n):
     """n declared nodes and a spawn block naming all of them (up to thousands)."""
-    return lambda node, depth: expand(n, 27, [1, 2])(node, depth) + spawn([(0, i) for i in range(n)], True, 0)(node, depth)
+    declare, call = expand(n, 27, [1, 2]), spawn([(0, i) for i in range(n)], True, 0)
+    return lambda node, depth: declare(node, depth) + call(node, depth)
 
 
 def const(text):
