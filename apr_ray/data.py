@@ -115,7 +115,8 @@ class DemosConfig(BaseModel):
     solver: SolverConfig = Field(default_factory=SolverConfig)
     format: DemoFormat = Field(default_factory=DemoFormat)
     only_solved: bool = Field(False, description="drop demonstrations whose search found no solution")
-    batch_problems: int = Field(32, ge=1, le=65_536, description="problems per Ray Data batch")
+    batch_problems: int = Field(
+        128, ge=1, le=65_536, description="problems per Ray Data task and output file (~1k rows for APR)")
 
 
 # --- summaries -----------------------------------------------------------------------------------
@@ -531,20 +532,30 @@ def _buffered_shuffle(items: Iterator[TrainSequence], size: int, rng: random.Ran
 
 
 def _rank_rows(path: str | Path, seed: int, rank: int, world_size: int) -> Iterator[TrainSequence]:
-    """This rank's sequences: row groups in a seeded order dealt round-robin, every rank cut to the
-    smallest rank's row count so all ranks take the same number of steps (DeepSpeed needs that)."""
+    """This rank's sequences: row groups in a seeded order, and from each a contiguous 1/world_size
+    slice (so any number of row groups serves any number of ranks; which rank gets which slice rotates
+    from group to group, so the odd rows spread evenly). Every rank stops at the smallest rank's row
+    count, so all ranks take the same number of steps (DeepSpeed needs that). Each rank decodes every
+    row group: cheap next to training on it."""
     groups = _row_groups(path)
     random.Random(seed).shuffle(groups)
-    dealt = [groups[r::world_size] for r in range(world_size)]
-    quota = min(sum(n for _, _, n in mine) for mine in dealt)
+
+    def share(k: int, n: int, r: int) -> tuple[int, int]:
+        slot = (r + k) % world_size
+        return n * slot // world_size, n * (slot + 1) // world_size
+
+    quota = min(sum(hi - lo for lo, hi in (share(k, n, r) for k, (_, _, n) in enumerate(groups)))
+                for r in range(world_size))
     left = quota
-    for file, index, _ in dealt[rank]:
+    for k, (file, index, n) in enumerate(groups):
         if left <= 0:
             return
-        table = pq.ParquetFile(file).read_row_group(index, columns=SFT_COLUMNS)
-        sequences = _to_sequences(table.slice(0, left))
-        left -= len(sequences)
-        yield from sequences
+        lo, hi = share(k, n, rank)
+        if hi == lo:
+            continue
+        table = pq.ParquetFile(file).read_row_group(index, columns=SFT_COLUMNS).slice(lo, min(hi - lo, left))
+        left -= table.num_rows
+        yield from _to_sequences(table)
 
 
 def iter_sft_batches(

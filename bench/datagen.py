@@ -169,7 +169,7 @@ def bench_ray(n: int, workers_list: list[int], seed: int, tokenizer, repeat: int
             for kind in ("apr", "sosp"):
                 for workers in workers_list:
                     summary = generate_demos(problems, root / f"{kind}{workers}", overwrite=True, tokenizer=tokenizer,
-                                             config=DemosConfig(kind=kind, batch_problems=16), workers=workers,
+                                             config=DemosConfig(kind=kind), workers=workers,
                                              limit=n, progress=False)
                     key = f"ray_{kind}_demos_per_s_w{workers}"
                     out[key] = max(out.get(key, 0.0), summary.per_second)
@@ -186,7 +186,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the best is reported")
     parser.add_argument("--reference-dir", type=Path, help="a checkout holding the reference's src/ (timed alongside)")
-    parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--sections", default="problems,solvers,rows,reference,ray",
+                        help="which figures to take (reference also needs --reference-dir)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -194,15 +195,23 @@ def main() -> None:
     encoder = TextEncoder.from_tokenizer(tokenizer)
     load_before = os.getloadavg()
     figures: dict[str, float] = {}
-    figures |= best([bench_problems(args.problems, args.seed) for _ in range(args.repeat)])
+    sections = set(args.sections.split(","))
+    unknown = sections - {"problems", "solvers", "rows", "reference", "ray"}
+    if unknown:
+        parser.error(f"unknown section(s) {sorted(unknown)}")
     problems = generate_problems(ProblemConfig(), args.problems, args.seed + 1)
-    figures |= best([bench_solvers(problems, args.seed) for _ in range(args.repeat)])
-    figures |= best([bench_rows(problems, encoder, tokenizer) for _ in range(args.repeat)])
-    if args.reference_dir:
+    if "problems" in sections:
+        figures |= best([bench_problems(args.problems, args.seed) for _ in range(args.repeat)])
+    if "solvers" in sections:
+        figures |= best([bench_solvers(problems, args.seed) for _ in range(args.repeat)])
+    if "rows" in sections:
+        figures |= best([bench_rows(problems, encoder, tokenizer) for _ in range(args.repeat)])
+    if "reference" in sections and args.reference_dir:
         figures |= best([bench_reference(args.reference_dir, problems, args.seed, tokenizer) for _ in range(args.repeat)])
-        figures["apr_solve_vs_ref"] = figures["apr_solve_per_s"] / figures["ref_apr_solve_per_s"]
-        figures["sosp_solve_vs_ref"] = figures["sosp_solve_per_s"] / figures["ref_sosp_solve_per_s"]
-    if not args.skip_ray:
+        if "solvers" in sections:
+            figures["apr_solve_vs_ref"] = figures["apr_solve_per_s"] / figures["ref_apr_solve_per_s"]
+            figures["sosp_solve_vs_ref"] = figures["sosp_solve_per_s"] / figures["ref_sosp_solve_per_s"]
+    if "ray" in sections:
         workers = [int(w) for w in args.workers.split(",")]
         figures |= bench_ray(args.ray_problems, workers, args.seed, tokenizer, args.repeat)
         for what in ("problems", "apr_demos", "sosp_demos"):

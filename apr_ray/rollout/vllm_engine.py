@@ -165,7 +165,10 @@ class VllmEngine(Engine):
         return version
 
     def shutdown(self) -> None:
-        self.llm.shutdown()
+        """Stop the engine core now (not at interpreter exit, where vLLM's own clean-up fails)."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
 
 
 def _sampled_logprobs(logprobs: Any, ids: list[int], request_id: str) -> list[float]:

@@ -142,11 +142,17 @@ def test_two_ranks_match_one_rank_and_agree(ray_cluster, model_dir, single_rank_
         assert handle.version == 1 and received.keys() == full.keys()
         assert all(torch.equal(received[k], full[k]) for k in full)
 
+        # a share one rank rejects fails the step on every rank (none is left waiting in a collective)
+        with pytest.raises(ValueError, match="non-empty prompt and output|rejected their share"):
+            group.sft_step(sft_batch() + [TrainSequence([5, 6], [])])
+        assert group.sft_step(sft_batch())["step"] == 4  # 1 SFT + 2 GRPO steps before, the failed one took none
+
         if stage == 3:  # a partitioned checkpoint round-trips through both ranks
+            saved = group.full_state_dict()
             group.save_checkpoint(tmp_path / "ckpt", client_state={"data_position": 7})
             group.sft_step(sft_batch())
             assert group.load_checkpoint(tmp_path / "ckpt") == {"data_position": 7}
             restored = group.full_state_dict()
-            assert all(torch.equal(restored[k], full[k]) for k in full)
+            assert all(torch.equal(restored[k], saved[k]) for k in saved)
     finally:
         group.shutdown()

@@ -26,6 +26,7 @@ from apr_ray.data import (
     demos_schema,
     import_apr,
     iter_json_records,
+    iter_sft_batches,
     read_demo_rows,
     summarize_demos,
 )
@@ -172,6 +173,27 @@ def test_output_directory_is_not_overwritten_unless_asked(tmp_path, tokenizer):
     with pytest.raises(FileExistsError, match="not empty"):
         import_apr(FIXTURE, out, tokenizer, progress=False)
     assert import_apr(FIXTURE, out, tokenizer, progress=False, overwrite=True, limit=2).records == 2
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+def test_imported_demos_stream_to_ranks_in_equal_disjoint_shares(tmp_path, tokenizer, world_size):
+    out = tmp_path / "demos"
+    import_apr(FIXTURE, out, tokenizer, progress=False, demos_per_row_group=1)  # 3 row groups
+    stored = sorted((tuple(r["prompt_ids"]), tuple(r["completion_ids"])) for r in rows(out))
+    shares = [[(tuple(s.prompt_ids), tuple(s.output_ids))
+               for batch in iter_sft_batches(out, 2, shuffle_buffer=4, seed=0, rank=r, world_size=world_size)
+               for s in batch] for r in range(world_size)]
+    assert len({len(share) for share in shares}) == 1 and shares[0]  # equal steps on every rank
+    every = [seq for share in shares for seq in share]
+    assert len(set(every)) == len(every) and set(every) <= set(stored)
+    assert len(every) >= len(stored) - 3 * (world_size - 1)  # per row group, under one row per rank left out
+    if world_size == 1:
+        assert sorted(every) == stored
+        again = [(tuple(s.prompt_ids), tuple(s.output_ids)) for b in iter_sft_batches(out, 2, shuffle_buffer=4, seed=0)
+                 for s in b]
+        assert again == shares[0]  # the seed fixes the order
+    with pytest.raises(ValueError, match="rank 5"):
+        next(iter_sft_batches(out, 2, shuffle_buffer=0, seed=0, rank=5, world_size=world_size))
 
 
 # --- the streaming reader ------------------------------------------------------------------------
