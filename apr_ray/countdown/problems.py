@@ -189,6 +189,8 @@ def generate_problems(
     max_redraws: int = 10_000,
 ) -> list[Problem]:
     """`count` distinct solvable problems, reproducible from `seed`, none of whose keys is in `exclude`."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
     rng = random.Random(seed)
     seen: set[tuple[tuple[int, ...], int]] = set(exclude or ())
     out: list[Problem] = []
@@ -219,6 +221,9 @@ def generate_splits(cfg: ProblemConfig, sizes: dict[str, int], seed: int) -> dic
     unknown = set(sizes) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split name(s) {sorted(unknown)}; expected some of {SPLITS}")
+    negative = {name: n for name, n in sizes.items() if n < 0}
+    if negative:
+        raise ValueError(f"split sizes must be >= 0, got {negative}")
     order = [s for s in ("val", "test", "train") if sizes.get(s, 0) > 0]
     problems = generate_problems(cfg, sum(sizes[s] for s in order), seed)
     out: dict[str, list[Problem]] = {}

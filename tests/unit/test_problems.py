@@ -231,7 +231,6 @@ def test_unknown_split_is_rejected_by_name():
         generate_splits(ProblemConfig(), {"train": 2, "dev": 1}, seed=0)
 
 
-@pytest.mark.xfail(strict=True, reason="problems.py ignores negative sizes/counts silently (reported)")
 @pytest.mark.parametrize("call", ["splits", "count"])
 def test_negative_sizes_are_rejected(call):
     with pytest.raises(ValueError, match=r"-3|train|count"):
