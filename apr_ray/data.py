@@ -75,7 +75,10 @@ DEMOS_SCHEMA = pa.schema(
 )
 
 # Optional columns (DemoFormat.include_text): the texts behind the ids, for inspection.
-DEMO_TEXT_FIELDS = [pa.field("prompt", pa.string(), nullable=False), pa.field("completion", pa.string(), nullable=False)]
+DEMO_TEXT_FIELDS = [
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("completion", pa.string(), nullable=False),
+]
 
 SFT_COLUMNS = ["prompt_ids", "completion_ids"]
 
@@ -350,8 +353,8 @@ class TextEncoder:
     `transformers` (~2 s of imports per worker). For a tokenizer of the project's kind (word-level
     vocabulary after one regex split, no normalizer) it runs that same regex and vocabulary with
     Python's `re`: several times faster than the Rust pipeline on trace text (bench/results.md), where
-    tokenization otherwise costs more than solving. Any other tokenizer runs as is. Texts must hold no special-token strings
-    (`check_demo_text`), which the tokenizer would match before splitting.
+    tokenization otherwise costs more than solving. Any other tokenizer runs as is. Texts must hold
+    no special-token strings (`check_demo_text`), which the tokenizer would match before splitting.
     """
 
     def __init__(self, spec: str, bos_id: int):

@@ -207,7 +207,8 @@ def main() -> None:
     if "rows" in sections:
         figures |= best([bench_rows(problems, encoder, tokenizer) for _ in range(args.repeat)])
     if "reference" in sections and args.reference_dir:
-        figures |= best([bench_reference(args.reference_dir, problems, args.seed, tokenizer) for _ in range(args.repeat)])
+        runs = [bench_reference(args.reference_dir, problems, args.seed, tokenizer) for _ in range(args.repeat)]
+        figures |= best(runs)
         if "solvers" in sections:
             figures["apr_solve_vs_ref"] = figures["apr_solve_per_s"] / figures["ref_apr_solve_per_s"]
             figures["sosp_solve_vs_ref"] = figures["sosp_solve_per_s"] / figures["ref_sosp_solve_per_s"]

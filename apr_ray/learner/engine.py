@@ -102,6 +102,12 @@ def init_process_group(dist: DistInfo, timeout_s: int = 1800) -> None:
     import torch.distributed as td
 
     os.environ.update(RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size), LOCAL_RANK=str(dist.local_rank))
+    if not _use_cuda():
+        # On CPU DeepSpeed JIT-compiles a shared-memory allreduce (C++) the first time a machine starts a
+        # process group: needs g++, took ~1.5 CPU-minutes (5 wall-minutes) here. gloo alone serves CPU runs.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if td.is_initialized():  # e.g. an in-process vLLM engine started it (world size 1)
         if (td.get_rank(), td.get_world_size()) != (dist.rank, dist.world_size):
             raise RuntimeError(

@@ -107,8 +107,8 @@ def test_streamed_batches_cover_every_sequence_and_ranks_get_equal_disjoint_shar
     assert len(seqs) == summary.sequences and all(s.weight == 1.0 for b in batches for s in b)
     stored = [(tuple(r["prompt_ids"]), tuple(r["completion_ids"])) for r in read_demo_rows(out)]
     assert sorted(seqs) == sorted(stored)
-    reshuffled = [(tuple(s.prompt_ids), tuple(s.output_ids)) for b in iter_sft_batches(out, 16, shuffle_buffer=64, seed=2)
-                  for s in b]
+    reshuffled = [(tuple(s.prompt_ids), tuple(s.output_ids))
+                  for b in iter_sft_batches(out, 16, shuffle_buffer=64, seed=2) for s in b]
     assert reshuffled != seqs and sorted(reshuffled) == sorted(seqs)
     ranks = [[(tuple(s.prompt_ids), tuple(s.output_ids)) for b in
               iter_sft_batches(out, 4, shuffle_buffer=8, seed=1, rank=r, world_size=2) for s in b] for r in range(2)]

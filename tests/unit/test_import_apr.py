@@ -9,6 +9,7 @@ operation, no trace_dict, nums as a string.
 """
 
 import json
+import pickle
 import random
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from apr_ray.countdown import text as T
-from apr_ray.countdown.problems import Problem, generate_problems, ProblemConfig
+from apr_ray.countdown.problems import Problem, ProblemConfig, generate_problems
 from apr_ray.countdown.solvers import SolverConfig, solve_apr, solve_sosp
 from apr_ray.data import (
     DEMOS_SCHEMA,
@@ -83,7 +84,7 @@ def test_rows_rebuild_every_thread_of_the_reference_trace(tmp_path, tokenizer):
         record, threads = source[index], by_demo[f"apr_reference_sample/{index}"]
         assert all(r["prompt_ids"][0] == tokenizer.bos_token_id for r in threads)
         assert all(tokenizer.eos_token_id not in r["completion_ids"] for r in threads)
-        text = {(r["thread_id"], r["segment"]): tokenizer.decode(r["prompt_ids"][1:]) + tokenizer.decode(r["completion_ids"])
+        text = {(r["thread_id"], r["segment"]): tokenizer.decode(r["prompt_ids"][1:] + r["completion_ids"])
                 for r in threads}
         # the root's last request holds the reference's last main call (its search_path) exactly
         last = max(s for t, s in text if t == 0)
@@ -249,7 +250,7 @@ def test_text_encoder_matches_the_tokenizer_on_trace_text(tokenizer):
         texts.append(solve_sosp(problem, SolverConfig(), random.Random(i))[0])
     expected = tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert encoder(texts) == expected
-    clone = __import__("pickle").loads(__import__("pickle").dumps(encoder))
+    clone = pickle.loads(pickle.dumps(encoder))  # what Ray ships to its workers
     assert clone(texts) == expected and clone.bos_id == tokenizer.bos_token_id == 1
 
 
