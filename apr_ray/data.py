@@ -643,9 +643,9 @@ def generate_problem_data(
     cfg = problem or ProblemConfig()
     start = time.perf_counter()
     plan = plan_problems(cfg, sizes, seed)
-    out = _prepare_output(out_dir, overwrite)
     if not plan:
         raise ValueError(f"no problems requested: sizes {sizes}")
+    out = _prepare_output(out_dir, overwrite)
     _progress(progress)
     blocks = min(len(plan), 4 * workers)  # a few blocks per worker keeps them busy when targets differ in cost
     ds = ray.data.from_items(plan, override_num_blocks=blocks)
