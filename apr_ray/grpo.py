@@ -52,10 +52,6 @@ class GRPOConfig(BaseModel):
         0.001, ge=0.0, description="k3 KL to a frozen reference; 0 disables it and no reference is needed"
     )
     inner_steps: int = Field(2, ge=1, description="optimizer steps per rollout batch, each a full pass")
-    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient-norm clip per optimizer step")
-    micro_batch_tokens: int = Field(
-        8192, ge=1, description="padded tokens (rows x longest row) per micro-batch"
-    )
     drop_zero_adv_groups: bool = Field(
         False,
         description="train no sequence of a group whose rewards are all equal (its advantages are 0);"

@@ -84,9 +84,7 @@ def bench_learner(
     for stage in stages:
         cfg = LearnerConfig(zero_stage=stage, lr=1e-4, micro_batch_tokens=4096, reference_model=True)
         learner = Learner(cfg, mdir)
-        grpo = GRPOConfig(
-            kl_coef=0.001, inner_steps=2, micro_batch_tokens=cfg.micro_batch_tokens, max_grad_norm=cfg.grad_clip
-        )
+        grpo = GRPOConfig(kl_coef=0.001, inner_steps=2)
         for kind in ("sft", "grpo"):
             rates = []
             for s in range(steps + 1):  # the first step warms up allocators and kernels

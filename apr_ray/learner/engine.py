@@ -400,12 +400,6 @@ class Learner:
         The ratio is taken against the sampler logprobs carried by the sequences; with kl_coef > 0 the
         reference logprobs are computed once, before the first inner step.
         """
-        if grpo.max_grad_norm != self.cfg.grad_clip or grpo.micro_batch_tokens != self.cfg.micro_batch_tokens:
-            raise ValueError(
-                f"grpo.max_grad_norm={grpo.max_grad_norm} / grpo.micro_batch_tokens={grpo.micro_batch_tokens}"
-                f" differ from the learner's grad_clip={self.cfg.grad_clip} / micro_batch_tokens="
-                f"{self.cfg.micro_batch_tokens}: the learner applies its own; set them equal"
-            )
         if grpo.kl_coef > 0 and self.reference is None:
             raise ValueError(
                 f"grpo.kl_coef={grpo.kl_coef} needs a reference model: set learner reference_model=true"

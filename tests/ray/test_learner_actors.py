@@ -33,7 +33,7 @@ TINY = ModelConfig(
     max_position_embeddings=128,
     tie_word_embeddings=True,
 )
-GRPO = GRPOConfig(kl_coef=0.05, inner_steps=2, micro_batch_tokens=32)
+GRPO = GRPOConfig(kl_coef=0.05, inner_steps=2)
 
 
 def cfg(stage: int) -> LearnerConfig:

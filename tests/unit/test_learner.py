@@ -172,7 +172,7 @@ def test_grpo_step_raises_positive_and_lowers_negative_advantage_sequences(model
     learner = Learner(learner_cfg(reference_model=kl_coef > 0), model_dir)
     seqs = with_sampler_logprobs(learner, random_seqs(4, seed=3), advantages=[1.0, -1.0, 1.0, -1.0])
     before = [seq_logprob(learner, s) for s in seqs]
-    grpo = GRPOConfig(kl_coef=kl_coef, inner_steps=3, micro_batch_tokens=32)
+    grpo = GRPOConfig(kl_coef=kl_coef, inner_steps=3)
     metrics = learner.grpo_step(seqs, grpo)
     after = [seq_logprob(learner, s) for s in seqs]
     assert [a > b for a, b in zip(after, before)] == [True, False, True, False]
@@ -187,11 +187,9 @@ def test_grpo_step_refuses_inconsistent_settings(model_dir):
     learner = Learner(learner_cfg(), model_dir)
     seqs = with_sampler_logprobs(learner, random_seqs(2, seed=4), advantages=[1.0, -1.0])
     with pytest.raises(ValueError, match="reference_model"):
-        learner.grpo_step(seqs, GRPOConfig(kl_coef=0.1, micro_batch_tokens=32))
-    with pytest.raises(ValueError, match="grad_clip"):
-        learner.grpo_step(seqs, GRPOConfig(kl_coef=0.0, max_grad_norm=5.0, micro_batch_tokens=32))
+        learner.grpo_step(seqs, GRPOConfig(kl_coef=0.1))
     with pytest.raises(ValueError, match="sampler_logprobs"):
-        learner.grpo_step(random_seqs(2, seed=5), GRPOConfig(kl_coef=0.0, micro_batch_tokens=32))
+        learner.grpo_step(random_seqs(2, seed=5), GRPOConfig(kl_coef=0.0))
     with pytest.raises(ValueError, match="demonstrations"):
         learner.sft_step(seqs)
 
