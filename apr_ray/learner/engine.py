@@ -93,6 +93,19 @@ def _use_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _forget_stale_deepspeed_groups() -> None:
+    """DeepSpeed caches a clone of the world group in a module global. When the process group it came
+    from is gone (an in-process vLLM engine shut its group down, a previous learner's group was
+    destroyed), the clone is no longer registered and every DeepSpeed engine fails at its first
+    broadcast ("Group ... is not registered"). Drop the clone so DeepSpeed makes a new one."""
+    import torch.distributed as td
+    from deepspeed.utils import groups
+
+    clone = groups._WORLD_GROUP
+    if clone is not None and (not td.is_initialized() or clone not in td.distributed_c10d._world.pg_group_ranks):
+        groups._WORLD_GROUP = None
+
+
 def init_process_group(dist: DistInfo, timeout_s: int = 1800) -> None:
     """Start torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU); a no-op when it is up.
 
@@ -108,6 +121,7 @@ def init_process_group(dist: DistInfo, timeout_s: int = 1800) -> None:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    _forget_stale_deepspeed_groups()
     if td.is_initialized():  # e.g. an in-process vLLM engine started it (world size 1)
         if (td.get_rank(), td.get_world_size()) != (dist.rank, dist.world_size):
             raise RuntimeError(
