@@ -66,7 +66,7 @@ DEMOS_SCHEMA = pa.schema(
         pa.field("depth", pa.int32(), nullable=False),
         pa.field("segment", pa.int32(), nullable=False),  # k = the thread's request after its k-th join
         pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),  # BOS + prompt (never trained)
-        pa.field("completion_ids", pa.list_(pa.int32()), nullable=False),  # trained; no EOS (learner adds it)
+        pa.field("completion_ids", pa.list_(pa.int32()), nullable=False),  # trained; no EOS (iter_sft_batches appends it)
         pa.field("solved", pa.bool_(), nullable=False),  # the demo's root reached a checked goal
         pa.field("demo_requests", pa.int32(), nullable=False),  # rows of this demo
         pa.field("demo_spawns", pa.int32(), nullable=False),
@@ -81,6 +81,7 @@ DEMO_TEXT_FIELDS = [
 ]
 
 SFT_COLUMNS = ["prompt_ids", "completion_ids"]
+EOS_ID = 2  # the project tokenizer's `</s>` (apr_ray/tokenizer.py); pass another for other tokenizers
 
 
 def demos_schema(include_text: bool = False) -> pa.Schema:
@@ -515,8 +516,10 @@ def _row_groups(path: str | Path) -> list[tuple[Path, int, int]]:
     return out
 
 
-def _to_sequences(table: pa.Table) -> list[TrainSequence]:
-    return [TrainSequence(prompt_ids=p, output_ids=c, weight=1.0)
+def _to_sequences(table: pa.Table, eos_id: int) -> list[TrainSequence]:
+    """The model must learn to end its requests (a spawn block or a finished thread ends in EOS, which
+    is how the runtime sees it), so EOS is trained after every completion, as in the rollouts."""
+    return [TrainSequence(prompt_ids=p, output_ids=c + [eos_id], weight=1.0)
             for p, c in zip(table["prompt_ids"].to_pylist(), table["completion_ids"].to_pylist())]
 
 
@@ -534,7 +537,7 @@ def _buffered_shuffle(items: Iterator[TrainSequence], size: int, rng: random.Ran
     yield from buffer
 
 
-def _rank_rows(path: str | Path, seed: int, rank: int, world_size: int) -> Iterator[TrainSequence]:
+def _rank_rows(path: str | Path, seed: int, rank: int, world_size: int, eos_id: int) -> Iterator[TrainSequence]:
     """This rank's sequences: row groups in a seeded order, and from each a contiguous 1/world_size
     slice (so any number of row groups serves any number of ranks; which rank gets which slice rotates
     from group to group, so the odd rows spread evenly). Every rank stops at the smallest rank's row
@@ -558,7 +561,7 @@ def _rank_rows(path: str | Path, seed: int, rank: int, world_size: int) -> Itera
             continue
         table = pq.ParquetFile(file).read_row_group(index, columns=SFT_COLUMNS).slice(lo, min(hi - lo, left))
         left -= table.num_rows
-        yield from _to_sequences(table)
+        yield from _to_sequences(table, eos_id)
 
 
 def iter_sft_batches(
@@ -569,8 +572,10 @@ def iter_sft_batches(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    eos_id: int = EOS_ID,
 ) -> Iterator[list[TrainSequence]]:
-    """One pass over a demos dataset as batches of TrainSequence (prompt_ids, output_ids, weight 1).
+    """One pass over a demos dataset as batches of TrainSequence (prompt_ids, output_ids = completion
+    + EOS, weight 1).
 
     `demos` is a dataset path (read with pyarrow, no Ray needed; each rank reads its own share) or a
     Ray Data iterator from `split_sft_stream` (the driver split the stream; rank and world_size are then
@@ -582,7 +587,7 @@ def iter_sft_batches(
     if isinstance(demos, (str, Path)):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
-        rows = _rank_rows(demos, seed, rank, world_size)
+        rows = _rank_rows(demos, seed, rank, world_size, eos_id)
         if shuffle_buffer > 1:
             rows = _buffered_shuffle(rows, shuffle_buffer, random.Random(f"{seed}/{rank}"))
         batch: list[TrainSequence] = []
@@ -600,7 +605,7 @@ def iter_sft_batches(
         local_shuffle_buffer_size=shuffle_buffer if shuffle_buffer > 1 else None,
         local_shuffle_seed=seed if shuffle_buffer > 1 else None,
     ):
-        yield _to_sequences(table)
+        yield _to_sequences(table, eos_id)
 
 
 # --- Ray Data pipelines -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 from apr_ray.countdown.problems import SPLITS
 from apr_ray.data import (
     DEMOS_SCHEMA,
+    EOS_ID,
     PROBLEMS_SCHEMA,
     DemosConfig,
     DemoWorker,
@@ -105,7 +106,7 @@ def test_streamed_batches_cover_every_sequence_and_ranks_get_equal_disjoint_shar
     assert all(1 <= len(b) <= 16 for b in batches) and all(len(b) == 16 for b in batches[:-1])
     seqs = [(tuple(s.prompt_ids), tuple(s.output_ids)) for b in batches for s in b]
     assert len(seqs) == summary.sequences and all(s.weight == 1.0 for b in batches for s in b)
-    stored = [(tuple(r["prompt_ids"]), tuple(r["completion_ids"])) for r in read_demo_rows(out)]
+    stored = [(tuple(r["prompt_ids"]), tuple(r["completion_ids"]) + (EOS_ID,)) for r in read_demo_rows(out)]
     assert sorted(seqs) == sorted(stored)
     reshuffled = [(tuple(s.prompt_ids), tuple(s.output_ids))
                   for b in iter_sft_batches(out, 16, shuffle_buffer=64, seed=2) for s in b]

@@ -21,6 +21,7 @@ from apr_ray.countdown.problems import Problem, ProblemConfig, generate_problems
 from apr_ray.countdown.solvers import SolverConfig, solve_apr, solve_sosp
 from apr_ray.data import (
     DEMOS_SCHEMA,
+    EOS_ID,
     DemoFormat,
     ImportFormatError,
     TextEncoder,
@@ -180,7 +181,7 @@ def test_output_directory_is_not_overwritten_unless_asked(tmp_path, tokenizer):
 def test_imported_demos_stream_to_ranks_in_equal_disjoint_shares(tmp_path, tokenizer, world_size):
     out = tmp_path / "demos"
     import_apr(FIXTURE, out, tokenizer, progress=False, demos_per_row_group=1)  # 3 row groups
-    stored = sorted((tuple(r["prompt_ids"]), tuple(r["completion_ids"])) for r in rows(out))
+    stored = sorted((tuple(r["prompt_ids"]), tuple(r["completion_ids"]) + (EOS_ID,)) for r in rows(out))
     shares = [[(tuple(s.prompt_ids), tuple(s.output_ids))
                for batch in iter_sft_batches(out, 2, shuffle_buffer=4, seed=0, rank=r, world_size=world_size)
                for s in batch] for r in range(world_size)]
