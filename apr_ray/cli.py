@@ -49,12 +49,27 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _data_stage(cfg: RunConfig, progress: bool = True) -> tuple[Path, Path]:
-    """Problems and demonstrations for `cfg` under output_dir/data (reused when already there)."""
+    """Problems and demonstrations for `cfg` under output_dir/data, reused when a previous run wrote
+    them with the same data settings (kept in data/config.yaml); refused when the settings differ, so a
+    changed config never trains on stale data."""
+    import yaml
+
     from apr_ray import data
     from apr_ray.tokenizer import build_tokenizer
 
     root = cfg.output_dir / "data"
     problems_dir, demos_dir = root / "problems", root / f"demos-{cfg.data.demos.kind}"
+    settings = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json")}
+    record = root / "config.yaml"
+    if _has_parquet(problems_dir) or _has_parquet(demos_dir):
+        previous = yaml.safe_load(record.read_text()) if record.is_file() else None
+        if previous != settings:
+            raise ConfigError(
+                f"{root} holds data written with other data settings (see {record}); "
+                f"choose another output_dir (--set output_dir=...) or delete {root}"
+            )
+    root.mkdir(parents=True, exist_ok=True)
+    record.write_text(yaml.safe_dump(settings, sort_keys=False))
     _ray_init()
     if not _has_parquet(problems_dir):
         summary = data.generate_problem_data(problems_dir, cfg.data.split_sizes(), seed=cfg.seed,
@@ -98,6 +113,8 @@ def cmd_data_demos(args: argparse.Namespace) -> int:
     from apr_ray.tokenizer import build_tokenizer
 
     cfg = load_config(args.config, args.overrides)
+    if not args.problems.exists():
+        raise FileNotFoundError(f"--problems {args.problems}: no such problems dataset (write one with `apr-ray data problems`)")
     _ray_init()
     summary = data.generate_demos(args.problems, args.out, split=args.split, config=cfg.data.demos,
                                   tokenizer=build_tokenizer(), limit=args.limit, workers=cfg.data.num_workers,
