@@ -21,25 +21,10 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override one config value, e.g. --set data.train_problems=500 (repeatable)")
 
 
-def _ray_init(num_cpus: int | None = None) -> None:
-    """Join the cluster when running under `ray job submit` (RAY_ADDRESS set), else start a local Ray."""
-    import os
+def _ray_init() -> None:
+    from apr_ray.pipeline import ray_init
 
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto", log_to_driver=False)
-    else:
-        # Logical CPUs above the core count: Ray Data's read tasks must find a CPU while the map
-        # actors hold theirs, or a 2-core machine deadlocks with both cores reserved by actors.
-        cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-
-
-def _has_parquet(directory: Path) -> bool:
-    return directory.is_dir() and any(directory.rglob("*.parquet"))
+    ray_init()
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -48,52 +33,51 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_stage(cfg: RunConfig, progress: bool = True) -> tuple[Path, Path]:
-    """Problems and demonstrations for `cfg` under output_dir/data, reused when a previous run wrote
-    them with the same data settings (kept in data/config.yaml); refused when the settings differ, so a
-    changed config never trains on stale data."""
-    import yaml
+def _default_model(cfg: RunConfig, stages: tuple[str, ...]) -> Path | None:
+    """The model a stage starts from when --model is not given: the latest stage's export."""
+    from apr_ray.workspace import Workspace
 
-    from apr_ray import data
-    from apr_ray.tokenizer import build_tokenizer
+    ws = Workspace(cfg.output_dir)
+    order = ["grpo", "sft"] if "eval" in stages and "grpo" not in stages else ["sft"]
+    for stage in order:
+        if (ws.model(stage) / "config.json").is_file():
+            return ws.model(stage)
+    if "eval" in stages and "grpo" not in stages:
+        raise FileNotFoundError(f"no trained model under {cfg.output_dir} (looked for grpo/model and sft/model); "
+                                "pass --model DIR or run `apr-ray run` first")
+    return None
 
-    root = cfg.output_dir / "data"
-    problems_dir, demos_dir = root / "problems", root / f"demos-{cfg.data.demos.kind}"
-    settings = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json")}
-    record = root / "config.yaml"
-    if _has_parquet(problems_dir) or _has_parquet(demos_dir):
-        previous = yaml.safe_load(record.read_text()) if record.is_file() else None
-        if previous != settings:
-            raise ConfigError(
-                f"{root} holds data written with other data settings (see {record}); "
-                f"choose another output_dir (--set output_dir=...) or delete {root}"
-            )
-    root.mkdir(parents=True, exist_ok=True)
-    record.write_text(yaml.safe_dump(settings, sort_keys=False))
-    _ray_init()
-    if not _has_parquet(problems_dir):
-        summary = data.generate_problem_data(problems_dir, cfg.data.split_sizes(), seed=cfg.seed,
-                                             problem=cfg.data.problems, workers=cfg.data.num_workers,
-                                             progress=progress)
-        print(summary.report())
-    else:
-        print(f"problems: reusing {problems_dir} ({data.count_problems(problems_dir)})")
-    if not _has_parquet(demos_dir):
-        summary = data.generate_demos(problems_dir, demos_dir, split="train", config=cfg.data.demos,
-                                      tokenizer=build_tokenizer(), workers=cfg.data.num_workers, progress=progress)
-        print(summary.report())
-    else:
-        print(f"demos: reusing {demos_dir}\n{data.summarize_demos(demos_dir, cfg.data.demos.kind).report()}")
-    return problems_dir, demos_dir
+
+def _run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
+    from apr_ray.pipeline import Pipeline, summary_table
+
+    cfg = load_config(args.config, args.overrides)
+    model = getattr(args, "model", None)
+    if model is not None and not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model}: not a model directory (no config.json)")
+    if model is None and stages[0] != "data":
+        model = _default_model(cfg, stages)
+    print(f"apr-ray {args.command}: preset {cfg.name}, stages {' → '.join(stages)}, output {cfg.output_dir}")
+    pipeline = Pipeline(cfg, progress=not args.no_progress)
+    report = pipeline.run(stages, model_dir=Path(model) if model else None)
+    print(summary_table(report))
+    return 130 if report.interrupted else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.output_dir / "config.yaml").write_text(dump_config(cfg))
-    print(f"apr-ray run: preset {cfg.name}, output {cfg.output_dir}")
-    _data_stage(cfg, progress=not args.no_progress)
-    return 0
+    return _run_stages(args, ("data", "sft", "grpo", "eval"))
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    return _run_stages(args, ("data", "sft"))
+
+
+def cmd_grpo(args: argparse.Namespace) -> int:
+    return _run_stages(args, ("grpo",))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    return _run_stages(args, ("eval",))
 
 
 def cmd_data_problems(args: argparse.Namespace) -> int:
@@ -146,10 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apr-ray", description="Ray RL for Adaptive Parallel Reasoning")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="the whole pipeline on a preset (today: the data stage)")
-    _add_config_args(run)
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.set_defaults(func=cmd_run)
+    for name, func, text in (
+        ("run", cmd_run, "the whole job: data → SFT → GRPO → test evaluation, tracked in MLflow"),
+        ("sft", cmd_sft, "data (reused when present) and SFT on the demonstrations"),
+        ("grpo", cmd_grpo, "GRPO from --model (default: output_dir/sft/model)"),
+        ("eval", cmd_eval, "evaluate --model (default: the latest trained model) on the test split"),
+    ):
+        stage = sub.add_parser(name, help=text)
+        _add_config_args(stage)
+        stage.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name in ("grpo", "eval"):
+            stage.add_argument("--model", type=Path, default=None, help="model directory (HF layout)")
+        stage.set_defaults(func=func)
 
     config = sub.add_parser("config", help="inspect configurations")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -193,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

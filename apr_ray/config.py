@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from apr_ray.countdown.problems import ProblemConfig
 from apr_ray.data import DemosConfig
+from apr_ray.learner.config import GRPOConfig, LearnerConfig
+from apr_ray.modeling import MODEL_PRESETS, ModelConfig
+from apr_ray.rewards import RewardConfig
+from apr_ray.rollout.engine_config import VllmEngineConfig
+from apr_ray.rollout.engines import SamplingConfig
+from apr_ray.rollout.runtime import RuntimeConfig
+from apr_ray.tracking import TrackingConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -40,6 +47,94 @@ class DataConfig(BaseModel):
         return {"train": self.train_problems, "val": self.val_problems, "test": self.test_problems}
 
 
+class SFTConfig(BaseModel):
+    """Supervised training on the solver demonstrations (one thread request per sequence)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(600, ge=0, description="optimizer steps; 0 skips SFT (GRPO then starts from the initial model)")
+    batch_sequences: int = Field(64, ge=1, description="thread sequences per optimizer step")
+    shuffle_buffer: int = Field(4096, ge=0, description="sequences held for shuffling the stream; <= 1 keeps file order")
+    learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(lr=2e-3, warmup_steps=30, weight_decay=0.01))
+    eval_every: int = Field(200, ge=0, description="evaluate on the validation split every this many steps; 0: at the end only")
+    checkpoint_every: int = Field(0, ge=0, description="DeepSpeed checkpoint every this many steps; 0: at the end only")
+    log_every: int = Field(10, ge=1, description="metrics to MLflow every this many steps")
+    max_minutes: float | None = Field(None, gt=0.0, description="stop after this many minutes even if steps remain")
+
+
+class PoolConfig(BaseModel):
+    """The generator actors. The pool can grow and shrink within [min_workers, max_workers]."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = Field(1, ge=1, description="generator actors at start")
+    min_workers: int = Field(1, ge=1, description="the pool never shrinks below this")
+    max_workers: int = Field(4, ge=1, description="the pool never grows above this")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="Ray CPUs per generator (also its torch / OMP threads)")
+    gpus_per_worker: float = Field(0.0, ge=0.0, description="Ray GPUs per generator (vLLM's GPU share)")
+    max_concurrent_trees: int = Field(256, ge=1, description="trees in flight per generator")
+    groups_per_request: int = Field(4, ge=1, description="problems (each a group of samples) per request to a generator")
+    requests_per_worker: int = Field(4, ge=1, description="requests in flight per generator")
+    max_restarts: int = Field(10, ge=0, description="replacements of dead generators per stage before the run fails")
+
+    @model_validator(mode="after")
+    def _range(self) -> PoolConfig:
+        if not self.min_workers <= self.num_workers <= self.max_workers:
+            raise ValueError(f"need min_workers <= num_workers <= max_workers, got {self.min_workers}, "
+                             f"{self.num_workers}, {self.max_workers}")
+        return self
+
+
+class RolloutConfig(BaseModel):
+    """How trees are generated, in GRPO and in evaluation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["vllm", "transformers"] = Field(
+        "vllm", description="generation engine of the actors; transformers needs no vLLM (slower)")
+    engine: VllmEngineConfig = Field(default_factory=lambda: VllmEngineConfig(kv_cache_memory_bytes=256 * 1024**2))
+    runtime: RuntimeConfig = Field(default_factory=lambda: RuntimeConfig(max_tokens=1024, context_window=2048),
+                                   description="limits of every tree; its sampling is the training rollouts' "
+                                   "(evaluation samples with eval.sampling)")
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+
+
+class GRPOStageConfig(BaseModel):
+    """Reinforcement learning from the trees' rewards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(20, ge=0, description="rollout + update steps; 0 skips GRPO")
+    problems_per_step: int = Field(16, ge=1, description="train problems per step, each sampled group_size times")
+    algorithm: GRPOConfig = Field(default_factory=lambda: GRPOConfig(group_size=4, inner_steps=1, kl_coef=0.0))
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(lr=2e-4))
+    eval_every: int = Field(10, ge=0, description="evaluate every this many steps; 0: at the end only")
+    checkpoint_every: int = Field(10, ge=0, description="checkpoint every this many steps; 0: at the end only")
+
+
+class LearnerResources(BaseModel):
+    """The learner group's actors (data-parallel ranks), for SFT and GRPO."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_learners: int = Field(1, ge=1, description="data-parallel learner ranks (Ray actors)")
+    cpus_per_learner: float = Field(1.0, gt=0.0, description="Ray CPUs per rank")
+    gpus_per_learner: float = Field(0.0, ge=0.0, description="Ray GPUs per rank (1 on a GPU cluster)")
+
+
+class EvalConfig(BaseModel):
+    """Validation: the ladder metrics and accuracy on the first `problems` of a split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    split: Literal["val", "test"] = Field("val", description="problems split evaluated")
+    problems: int = Field(100, ge=1, description="problems evaluated (the split's first ones, a fixed set)")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0),
+                                     description="greedy by default")
+    sample_trees: int = Field(4, ge=0, description="trees logged as artifacts (JSON + HTML) per evaluation")
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,6 +142,35 @@ class RunConfig(BaseModel):
     seed: int = Field(0, description="seed of every random stream in the run")
     output_dir: Path = Field(Path("runs/tiny"), description="where data, checkpoints and exports go")
     data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=lambda: MODEL_PRESETS["tiny"].model_copy())
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    learners: LearnerResources = Field(default_factory=LearnerResources)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    grpo: GRPOStageConfig = Field(default_factory=GRPOStageConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @property
+    def protocol(self) -> str:
+        """The thread protocol trained and rolled out: the demonstrations' kind."""
+        return self.data.demos.kind
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        window, positions = self.rollout.runtime.context_window, self.model.max_position_embeddings
+        if window > positions:
+            raise ValueError(f"rollout.runtime.context_window ({window}) exceeds model.max_position_embeddings "
+                             f"({positions}): the model cannot attend that far")
+        if self.rollout.runtime.max_tokens > window:
+            raise ValueError(f"rollout.runtime.max_tokens ({self.rollout.runtime.max_tokens}) exceeds "
+                             f"rollout.runtime.context_window ({window})")
+        split_size = self.data.val_problems if self.eval.split == "val" else self.data.test_problems
+        if self.eval.problems > split_size:
+            raise ValueError(f"eval.problems ({self.eval.problems}) exceeds the {self.eval.split} split "
+                             f"(data.{self.eval.split}_problems = {split_size})")
+        if self.grpo.algorithm.kl_coef > 0 and not self.grpo.learner.reference_model:
+            self.grpo.learner.reference_model = True  # the KL term needs the frozen reference
+        return self
 
 
 def _suggest(key: str, options: list[str]) -> str:

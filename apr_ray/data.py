@@ -5,8 +5,9 @@ demonstrations.
 Owns the two Parquet schemas (`PROBLEMS_SCHEMA`, `DEMOS_SCHEMA`; docs/data.md), and turns the pure
 Countdown domain (problems, solvers, demo flattening) into rows. Pure functions (planning, row
 building, summaries, readers, the import) need only pyarrow, so the learner reads demonstrations on a
-machine without Ray; Ray is imported inside the functions that run a Ray Data pipeline. Must not import
-torch, vLLM, the runtime or the learner.
+machine without Ray; Ray is imported inside the functions that run a Ray Data pipeline. The `_local`
+writers (`generate_problem_data_local`, `generate_demos_local`) run the same per-batch functions in a
+process pool instead, for a machine without Ray. Must not import torch, vLLM, the runtime or the learner.
 
 Determinism: a problem's numbers come from a random stream per (seed, target), its demonstration from
 a stream per (seed, kind, problem id), so the content of every dataset depends on its seed only, not on
@@ -18,11 +19,14 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import multiprocessing
+import os
 import random
 import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -120,7 +124,8 @@ class DemosConfig(BaseModel):
     format: DemoFormat = Field(default_factory=DemoFormat)
     only_solved: bool = Field(False, description="drop demonstrations whose search found no solution")
     batch_problems: int = Field(
-        128, ge=1, le=65_536, description="problems per Ray Data task and output file (~1k rows for APR)")
+        128, ge=1, le=65_536,
+        description="problems per task (Ray Data or local process) and output file (~1k rows for APR)")
 
 
 # --- summaries -----------------------------------------------------------------------------------
@@ -266,11 +271,16 @@ def problems_table(rows: Sequence[tuple[str, int, Problem]]) -> pa.Table:
     )
 
 
-def _problems_batch(batch: pa.Table, cfg: ProblemConfig, seed: int) -> pa.Table:
+def _problems_rows(plans: Sequence[dict[str, Any]], cfg: ProblemConfig, seed: int) -> pa.Table:
+    """The problems of some `plan_problems` rows, as a PROBLEMS_SCHEMA table."""
     rows: list[tuple[str, int, Problem]] = []
-    for plan in batch.to_pylist():
+    for plan in plans:
         rows += problems_for_target(cfg, plan["target"], plan, seed)
     return problems_table(rows)
+
+
+def _problems_batch(batch: pa.Table, cfg: ProblemConfig, seed: int) -> pa.Table:
+    return _problems_rows(batch.to_pylist(), cfg, seed)
 
 
 # --- demonstrations: rows (pure) --------------------------------------------------------------------
@@ -608,6 +618,44 @@ def iter_sft_batches(
         yield _to_sequences(table, eos_id)
 
 
+# --- shared by the Ray Data and the local pipelines -----------------------------------------------
+
+
+def _check_workers(workers: int) -> None:
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+
+
+def _plan_problem_data(
+    sizes: dict[str, int], seed: int, problem: ProblemConfig | None, workers: int
+) -> tuple[ProblemConfig, list[dict[str, Any]], int]:
+    """(config, plan rows, number of blocks) for a problems dataset; raises on bad arguments."""
+    _check_workers(workers)
+    cfg = problem or ProblemConfig()
+    plan = plan_problems(cfg, sizes, seed)
+    if not plan:
+        raise ValueError(f"no problems requested: sizes {sizes}")
+    # A few blocks per worker keeps them busy when targets differ in cost.
+    return cfg, plan, min(len(plan), 4 * workers)
+
+
+def _demo_encoder(tokenizer: PreTrainedTokenizerFast | None) -> TextEncoder:
+    if tokenizer is None:
+        from apr_ray.tokenizer import build_tokenizer
+
+        tokenizer = build_tokenizer()
+    return TextEncoder.from_tokenizer(tokenizer)
+
+
+def _problem_blocks(table: pa.Table, block_rows: int, copy: bool = False) -> list[pa.Table]:
+    """`table` in blocks of `block_rows` rows. `copy` gives each block its own buffers: a pickled
+    slice carries the whole table's buffers (pyarrow), so blocks sent to other processes are copies."""
+    starts = range(0, table.num_rows, block_rows)
+    if copy:
+        return [table.take(pa.array(range(i, min(i + block_rows, table.num_rows)))) for i in starts]
+    return [table.slice(i, block_rows) for i in starts]
+
+
 # --- Ray Data pipelines -------------------------------------------------------------------------
 
 
@@ -643,16 +691,10 @@ def generate_problem_data(
     targets; `workers` tasks at a time). The content depends on (problem config, sizes, seed) only."""
     import ray.data
 
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    cfg = problem or ProblemConfig()
     start = time.perf_counter()
-    plan = plan_problems(cfg, sizes, seed)
-    if not plan:
-        raise ValueError(f"no problems requested: sizes {sizes}")
+    cfg, plan, blocks = _plan_problem_data(sizes, seed, problem, workers)
     out = _prepare_output(out_dir, overwrite)
     _progress(progress)
-    blocks = min(len(plan), 4 * workers)  # a few blocks per worker keeps them busy when targets differ in cost
     ds = ray.data.from_items(plan, override_num_blocks=blocks)
     ds = ds.map_batches(_problems_batch, fn_kwargs={"cfg": cfg, "seed": seed}, batch_size=None,
                         batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=1)
@@ -669,7 +711,7 @@ def problems_dataset(path: str | Path, split: str, limit: int | None = None, blo
     import ray.data
 
     table = read_problems_table(path, split, limit)
-    return ray.data.from_arrow([table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)])
+    return ray.data.from_arrow(_problem_blocks(table, block_rows))
 
 
 def generate_demos(
@@ -688,18 +730,13 @@ def generate_demos(
     request as Parquet. The content depends on (problems, config) only."""
     import ray.data
 
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    _check_workers(workers)
     cfg = config or DemosConfig()
     start = time.perf_counter()
     ds = problems_dataset(problems_path, split, limit, block_rows=cfg.batch_problems)
     out = _prepare_output(out_dir, overwrite)
     _progress(progress)
-    if tokenizer is None:
-        from apr_ray.tokenizer import build_tokenizer
-
-        tokenizer = build_tokenizer()
-    encoder = TextEncoder.from_tokenizer(tokenizer)
+    encoder = _demo_encoder(tokenizer)
     ds = ds.map_batches(_demos_batch, fn_kwargs={"config": cfg, "encoder": encoder}, batch_size=cfg.batch_problems,
                         batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=1)
     ds.write_parquet(str(out))
@@ -716,6 +753,108 @@ def split_sft_stream(demos_path: str | Path, world_size: int, *, seed: int) -> l
     files = [str(f) for f in parquet_files(demos_path)]
     ds = ray.data.read_parquet(files).select_columns(SFT_COLUMNS).randomize_block_order(seed=seed)
     return ds.streaming_split(world_size, equal=True)
+
+
+# --- local pipelines (no Ray): the same batch functions in a process pool ------------------------
+
+
+def _problems_part(path: Path, plans: list[dict[str, Any]], cfg: ProblemConfig, seed: int) -> int:
+    table = _problems_rows(plans, cfg, seed)
+    pq.write_table(table, path)
+    return table.num_rows
+
+
+def _demos_part(path: Path, batch: pa.Table, config: DemosConfig, encoder: TextEncoder) -> int:
+    pq.write_table(_demos_batch(batch, config, encoder), path)
+    return batch.num_rows  # problems done: the progress bar's unit
+
+
+def _init_local_worker() -> None:
+    # One process per core already: the tokenizers library's own thread pool would oversubscribe them.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _run_parts(
+    parts: list[tuple[Callable[..., int], tuple[Any, ...]]], workers: int, on_done: Callable[[int], Any]
+) -> None:
+    """Run `fn(*args)` for each part, in this process (workers == 1) or in `workers` spawned ones.
+
+    Each part writes its own file and returns a count, so only small inputs and ints cross processes.
+    Spawn, not fork: a forked copy of a process holding threads (tokenizers, torch) can deadlock."""
+    if workers == 1 or len(parts) <= 1:
+        for fn, args in parts:
+            on_done(fn(*args))
+        return
+    with ProcessPoolExecutor(max_workers=min(workers, len(parts)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_local_worker) as pool:
+        futures = [pool.submit(fn, *args) for fn, args in parts]
+        try:
+            for future in as_completed(futures):
+                on_done(future.result())
+        except BaseException:
+            for future in futures:  # stop at the first failure rather than after every queued part
+                future.cancel()
+            raise
+
+
+def _part_path(out: Path, number: int) -> Path:
+    return out / f"part-{number:05d}.parquet"
+
+
+def generate_problem_data_local(
+    out_dir: str | Path,
+    sizes: dict[str, int],
+    *,
+    seed: int,
+    problem: ProblemConfig | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+) -> ProblemsSummary:
+    """`generate_problem_data` without Ray: the same rows, one Parquet file per group of targets,
+    written by `workers` processes (in this process when 1). With workers > 1, call it from a script
+    whose top level is guarded by `if __name__ == "__main__":` (spawned workers import the main module)."""
+    start = time.perf_counter()
+    cfg, plan, blocks = _plan_problem_data(sizes, seed, problem, workers)
+    out = _prepare_output(out_dir, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    bounds = [len(plan) * k // blocks for k in range(blocks + 1)]
+    parts = [(_problems_part, (_part_path(out, k), plan[bounds[k]:bounds[k + 1]], cfg, seed)) for k in range(blocks)]
+    _run_parts(parts, workers, lambda _: None)
+    return ProblemsSummary(str(out), count_problems(out), time.perf_counter() - start)
+
+
+def generate_demos_local(
+    problems_path: str | Path,
+    out_dir: str | Path,
+    *,
+    split: str = "train",
+    config: DemosConfig | None = None,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    limit: int | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> DemosSummary:
+    """`generate_demos` without Ray: the same rows, one Parquet file per `config.batch_problems`
+    problems, written by `workers` processes (in this process when 1); `progress` shows a tqdm bar of
+    problems solved. With workers > 1, guard the calling script's top level with
+    `if __name__ == "__main__":` (spawned workers import the main module)."""
+    _check_workers(workers)
+    cfg = config or DemosConfig()
+    start = time.perf_counter()
+    table = read_problems_table(problems_path, split, limit)
+    out = _prepare_output(out_dir, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = _demo_encoder(tokenizer)
+    blocks = _problem_blocks(table, cfg.batch_problems, copy=workers > 1)
+    parts = [(_demos_part, (_part_path(out, k), block, cfg, encoder)) for k, block in enumerate(blocks)]
+    from tqdm import tqdm
+
+    with tqdm(total=table.num_rows, unit="problem", desc=f"{cfg.kind} demos", disable=not progress) as bar:
+        _run_parts(parts, workers, bar.update)
+    summary = summarize_demos(out, cfg.kind)
+    summary.seconds = time.perf_counter() - start
+    return summary
 
 
 # --- APR reference import (pure; streams the file) -----------------------------------------------

@@ -28,39 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from apr_ray.learner.config import GRPOConfig
 from apr_ray.types import TrainSequence, TreeRecord
-
-
-class GRPOConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    group_size: int = Field(5, ge=1, description="samples per problem; advantages are centred per group")
-    normalize_adv_std: bool = Field(
-        False,
-        description="divide advantages by the group std; off by default: with it the small critical-path"
-        " bonus is blown up to unit scale when a whole group is correct",
-    )
-    std_eps: float = Field(1e-6, gt=0.0, description="added to the group std before dividing")
-    clip_eps: float = Field(0.2, gt=0.0, lt=1.0, description="ratio clipped to [1 - clip_eps, 1 + clip_high]")
-    clip_eps_high: float | None = Field(
-        None, gt=0.0, description="upper clip (DAPO's clip-higher, ThreadWeaver used 0.28); None: clip_eps"
-    )
-    kl_coef: float = Field(
-        0.001, ge=0.0, description="k3 KL to a frozen reference; 0 disables it and no reference is needed"
-    )
-    inner_steps: int = Field(2, ge=1, description="optimizer steps per rollout batch, each a full pass")
-    drop_zero_adv_groups: bool = Field(
-        False,
-        description="train no sequence of a group whose rewards are all equal (its advantages are 0);"
-        " saves compute, but with kl_coef > 0 their KL term is dropped too",
-    )
-
-    @property
-    def clip_high(self) -> float:
-        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
 
 
 # ---------------------------------------------------------------- advantages and broadcast

@@ -84,6 +84,17 @@ EXPLORING_RE = re.compile(rf"^Exploring Operation: {_OP}, Resulting Numbers: {_N
 GENERATED_RE = re.compile(rf"^Generated Node #({_NODE_ID}): ({_NUM}):{_NUM_LIST} Operation: {_OP}$")
 GOAL_RE = re.compile(rf"^({_NUM}),({_NUM}) equal: Goal Reached$")
 SPAWN_CHILD_RE = re.compile(rf"^<Start Sub Search (\d{{1,6}}) at level (\d{{1,3}})> Moving to Node #({_NODE_ID})$")
+UNEQUAL_RE = re.compile(rf"^({_NUM}),({_NUM}) unequal: No Solution$")
+JOIN_GOAL_RE = re.compile(rf"^<Goal Reached in Sub Search (\d{{1,6}}) at level (\d{{1,3}}) at Node #({_NODE_ID})>$")
+JOIN_NO_SOLUTION_RE = re.compile(
+    rf"^<No Solution in Sub Search (\d{{1,6}}) at level (\d{{1,3}}) at Node #({_NODE_ID})>$"
+)
+# SoS+ serial sub searches (the reference's "promising" dives; written by solvers._sosp_search)
+SUB_SEARCH_START_RE = re.compile(rf"^Start Sub Search at level (\d{{1,3}}): Moving to Node #({_NODE_ID})$")
+SUB_SEARCH_EXIT_RE = re.compile(r"^Exit Sub Search at level (\d{1,3})$")
+SUB_SEARCH_NO_SOLUTION_RE = re.compile(r"^No solution found in sub search$")
+# the root prompt's conditioning prefix (protocol.AprProtocol / SerialProtocol.condition); group 1: the rest
+CONDITION_RE = re.compile(rf"^(?:Sub Call Budget|Token Budget): {_NUM} (.*)$")
 
 
 def parse_nums(body: str) -> list[int]:

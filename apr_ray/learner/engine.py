@@ -26,12 +26,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from apr_ray.learner.config import LearnerConfig
 from apr_ray.grpo import GRPOConfig, MicroBatch, make_micro_batches, policy_loss, sft_loss, token_logprobs
 from apr_ray.types import TrainSequence
 
@@ -41,34 +41,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 _CLIENT_KEY = "apr_ray"
 # Gather at most this many bytes of ZeRO-3 partitions at once when building a full state dict.
 _GATHER_BUCKET_BYTES = 256 * 1024**2
-
-
-class LearnerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage; 0 is plain data parallel")
-    lr: float = Field(1e-5, gt=0.0, description="AdamW learning rate (after warm-up)")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW (beta1, beta2)")
-    adam_eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon")
-    warmup_steps: int = Field(0, ge=0, description="linear LR warm-up over this many optimizer steps; 0: none")
-    grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this; 0 disables")
-    micro_batch_tokens: int = Field(
-        8192, ge=1, description="padded tokens (rows x longest row) per micro-batch, SFT and GRPO alike"
-    )
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 (fp32 master weights) on GPU, fp32 on CPU"
-    )
-    seed: int = Field(0, description="torch / python RNG seed, set once at start")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (saves memory)")
-    reference_model: bool = Field(
-        False, description="keep a frozen copy of the initial weights for GRPO's KL term (kl_coef > 0)"
-    )
-    zero3_param_persistence_threshold: int = Field(
-        100_000, ge=0, description="ZeRO-3 keeps parameters smaller than this (elements) unpartitioned"
-    )
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 leaves torch's default")
-    dist_timeout_s: int = Field(1800, ge=1, description="timeout of collective operations")
 
 
 @dataclass(frozen=True)

@@ -257,6 +257,18 @@ class TransformersEngine(Engine):
                 if not p.future.done():
                     p.future.set_result(result)
 
+    async def reload_weights(self, named_tensors: Any, version: int) -> int:
+        """Load new weights in place (the generator calls this only with no request in flight)."""
+        import torch
+
+        params = self.model.state_dict(keep_vars=True)  # tied weights appear under both names
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in params:
+                    raise KeyError(f"weight {name!r} is not a parameter of the served model")
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        return version
+
     def _decode_batch(self, batch: list[_Pending]) -> list[GenerationResult]:
         import torch
 

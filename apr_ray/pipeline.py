@@ -1,0 +1,360 @@
+"""The job: data → SFT → GRPO → evaluation on Ray, tracked in MLflow. What `apr-ray run|sft|grpo|eval` call.
+
+Owns the order of the stages, the hand-over between them (the model directory each stage starts from),
+what goes to MLflow (one pipeline run, one nested run per stage: params = the resolved config, metrics per
+step, artifacts = the config, sample trees as JSON and HTML, evaluation plots, the final model) and the
+closing summary. The stages' work is elsewhere: `data` (datasets), `sft.run_sft` (the SFT loop),
+`trainer.GRPOTrainer` (the GRPO loop and the generator pool), `evaluation` (ladder metrics).
+
+Ctrl-C: the stage in progress stops after its current step, checkpoints, and the MLflow runs end KILLED.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apr_ray.config import ConfigError, RunConfig, dump_config
+from apr_ray.evaluation import LADDER_KEYS, EvalResult, Evaluator
+from apr_ray.workspace import Workspace, ensure_init_model
+
+STAGES = ("data", "sft", "grpo", "eval")
+
+
+class Interrupted(Exception):
+    """A stage was stopped with Ctrl-C (after checkpointing)."""
+
+
+def ray_init(num_cpus: int | None = None) -> None:
+    """Join the cluster when running under `ray job submit` (RAY_ADDRESS set), else start a local Ray."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto", log_to_driver=False)
+    else:
+        # Logical CPUs above the core count: Ray Data's read tasks must find a CPU while the map
+        # actors hold theirs, or a 2-core machine deadlocks with both cores reserved by actors.
+        cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _has_parquet(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.rglob("*.parquet"))
+
+
+def data_stage(cfg: RunConfig, ws: Workspace, progress: bool = True) -> Path:
+    """Problems and demonstrations for `cfg` in the workspace, reused when a previous run wrote them with
+    the same data settings (kept in data/config.yaml); refused when the settings differ, so a changed
+    config never trains on stale data. Returns the demos directory."""
+    import yaml
+
+    from apr_ray import data
+    from apr_ray.tokenizer import build_tokenizer
+
+    root = ws.root / "data"
+    demos_dir = ws.demos(cfg.data.demos.kind)
+    settings = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json")}
+    record = root / "config.yaml"
+    if _has_parquet(ws.problems) or _has_parquet(demos_dir):
+        previous = yaml.safe_load(record.read_text()) if record.is_file() else None
+        if previous != settings:
+            raise ConfigError(
+                f"{root} holds data written with other data settings (see {record}); "
+                f"choose another output_dir (--set output_dir=...) or delete {root}"
+            )
+    root.mkdir(parents=True, exist_ok=True)
+    record.write_text(yaml.safe_dump(settings, sort_keys=False))
+    ray_init()
+    if not _has_parquet(ws.problems):
+        summary = data.generate_problem_data(ws.problems, cfg.data.split_sizes(), seed=cfg.seed,
+                                             problem=cfg.data.problems, workers=cfg.data.num_workers,
+                                             progress=progress)
+        print(summary.report())
+    else:
+        print(f"problems: reusing {ws.problems} ({data.count_problems(ws.problems)})")
+    if not _has_parquet(demos_dir):
+        summary = data.generate_demos(ws.problems, demos_dir, split="train", config=cfg.data.demos,
+                                      tokenizer=build_tokenizer(), workers=cfg.data.num_workers, progress=progress)
+        print(summary.report())
+    else:
+        print(f"demos: reusing {demos_dir}\n{data.summarize_demos(demos_dir, cfg.data.demos.kind).report()}")
+    return demos_dir
+
+
+def make_evaluator(cfg: RunConfig, ws: Workspace, split: str | None = None) -> Evaluator:
+    from apr_ray.data import read_problems
+    from apr_ray.tokenizer import build_tokenizer
+
+    split = split or cfg.eval.split
+    if not _has_parquet(ws.problems):
+        raise FileNotFoundError(f"{ws.problems}: no problems dataset (run `apr-ray run`, or the data stage, first)")
+    problems = read_problems(ws.problems, split)[: cfg.eval.problems]
+    return Evaluator(problems, build_tokenizer(), cfg.protocol, cfg.rollout.runtime, cfg.eval.sampling,
+                     max_concurrent_trees=cfg.rollout.pool.max_concurrent_trees)
+
+
+@dataclass
+class PipelineReport:
+    """What the closing summary prints."""
+
+    evaluations: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> eval metrics
+    stage_s: dict[str, float] = field(default_factory=dict)
+    phase_s: dict[str, float] = field(default_factory=dict)  # GRPO phase totals
+    model_dir: str = ""
+    tracking_hint: str = ""
+    interrupted: bool = False
+
+
+class Pipeline:
+    def __init__(self, cfg: RunConfig, progress: bool = True) -> None:
+        from apr_ray.tracking import flatten, make_tracker
+
+        self.cfg, self.progress = cfg, progress
+        self.ws = Workspace(cfg.output_dir)
+        self.ws.root.mkdir(parents=True, exist_ok=True)
+        (self.ws.root / "config.yaml").write_text(dump_config(cfg))
+        self.tracker = make_tracker(cfg.tracking, self.ws.root.resolve(), cfg.name,
+                                    params=flatten(cfg.model_dump(mode="json")))
+        self.tracker.log_text(dump_config(cfg), "config.yaml")
+        self.report = PipelineReport(tracking_hint=self.tracker.ui_hint())
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _logger(self, tracker: Any, offset: int = 0):
+        def log(metrics: dict[str, float], step: int) -> None:
+            tracker.log_metrics(metrics, step + offset)
+            self.ws.append_metrics(metrics, step + offset)
+            for k, v in metrics.items():
+                if k.startswith("val/") and k[4:] in LADDER_KEYS:
+                    self.history.setdefault(k, []).append((step + offset, float(v)))
+
+        return log
+
+    def _log_eval_artifacts(self, tracker: Any, label: str, result: EvalResult, decode: Any) -> None:
+        """Sample trees as JSON and as HTML pages (the `apr-ray view` page) under trees/<label>/."""
+        from apr_ray.types import tree_to_dict
+        from apr_ray.viz import render_tree_html
+
+        out = self.ws.eval_dir / label
+        out.mkdir(parents=True, exist_ok=True)
+        samples = result.trees[: self.cfg.eval.sample_trees]
+        (out / "trees.json").write_text(json.dumps([tree_to_dict(t) for t in samples]))
+        for i, tree in enumerate(samples):
+            (out / f"tree{i}.html").write_text(render_tree_html(tree, decode))
+        (out / "metrics.json").write_text(json.dumps(result.metrics, indent=1))
+        tracker.log_artifact(out, f"trees/{label}")
+
+    def _plot(self, tracker: Any) -> None:
+        from apr_ray.tracking import plot_metric_curves
+
+        if self.history:
+            fig = plot_metric_curves(self.history, f"{self.cfg.name}: validation ladder")
+            self.ws.eval_dir.mkdir(parents=True, exist_ok=True)
+            fig.savefig(self.ws.eval_dir / "ladder.png")
+            tracker.log_figure(fig, "plots/ladder.png")
+
+    # ------------------------------------------------------------------ stages
+
+    def sft(self, model_dir: Path) -> Path:
+        """SFT on a Ray learner group from `model_dir`; returns the exported model directory."""
+        from apr_ray.data import iter_sft_batches, split_sft_stream
+        from apr_ray.evaluation import evaluate_model
+        from apr_ray.learner.actor import LearnerGroup
+        from apr_ray.sft import epochs, run_sft
+
+        cfg = self.cfg
+        demos = self.ws.demos(cfg.data.demos.kind)
+        if not _has_parquet(demos):
+            raise FileNotFoundError(f"{demos}: no demonstrations (run the data stage first: `apr-ray run`)")
+        tracker = self.tracker.child("sft")
+        log = self._logger(tracker)
+        evaluator = make_evaluator(cfg, self.ws)
+        res = cfg.learners
+        learner = LearnerGroup(cfg.sft.learner, model_dir, num_learners=res.num_learners,
+                               num_cpus_per_learner=res.cpus_per_learner, num_gpus_per_learner=res.gpus_per_learner)
+        eval_model = _load_model(model_dir)
+
+        def evaluate(step: int) -> None:
+            eval_model.load_state_dict(learner.full_state_dict(), strict=False)
+            result = evaluate_model(evaluator, eval_model)
+            log({f"val/{k}": v for k, v in result.metrics.items()}, step)
+            print(f"[sft step {step}] {result.line()}", flush=True)
+            self.report.evaluations["after SFT"] = result.metrics
+            if step == cfg.sft.steps:
+                self._log_eval_artifacts(tracker, f"sft_step{step}", result, evaluator.decode)
+
+        def checkpoint(step: int) -> None:
+            learner.save_checkpoint(self.ws.checkpoints("sft"), {"sft_step": step})
+
+        (stream,) = split_sft_stream(demos, 1, seed=cfg.seed)
+        batches = epochs(lambda e: iter_sft_batches(stream, cfg.sft.batch_sequences,
+                                                    shuffle_buffer=cfg.sft.shuffle_buffer, seed=cfg.seed + e))
+        start = time.perf_counter()
+        try:
+            result = run_sft(cfg.sft, learner, batches, log=log, evaluate=evaluate, checkpoint=checkpoint,
+                             progress=self.progress)
+            out = Path(learner.export_hf(self.ws.model("sft")))
+        finally:
+            learner.shutdown()
+        self.report.stage_s["sft"] = time.perf_counter() - start
+        tracker.log_metrics({"sft/wall_s": result.wall_s, "sft/train_s": result.train_s, "sft/eval_s": result.eval_s},
+                            result.steps)
+        if result.interrupted:
+            tracker.end("KILLED")
+            raise Interrupted(f"SFT stopped at step {result.steps}; checkpoint in {self.ws.checkpoints('sft')}")
+        tracker.end()
+        return out
+
+    def grpo(self, model_dir: Path) -> Path:
+        from apr_ray.trainer import GRPOTrainer
+
+        cfg = self.cfg
+        tracker = self.tracker.child("grpo")
+        evaluator = make_evaluator(cfg, self.ws)
+        offset = cfg.sft.steps  # GRPO steps follow SFT steps on the pipeline run's x axis
+
+        def on_eval(step: int, result: EvalResult) -> None:
+            print(f"[grpo step {step}] {result.line()}", flush=True)
+            self.report.evaluations["after GRPO"] = result.metrics
+            if step == cfg.grpo.steps:
+                self._log_eval_artifacts(tracker, f"grpo_step{step}", result, evaluator.decode)
+
+        start = time.perf_counter()
+        trainer = GRPOTrainer(cfg, str(model_dir), problems_dir=self.ws.problems,
+                              checkpoint_dir=self.ws.checkpoints("grpo"), evaluator=evaluator,
+                              log=_both(self._logger(tracker), self._logger(self.tracker, offset)),
+                              on_eval=on_eval, progress=self.progress)
+        try:
+            result = trainer.run()
+            out = Path(trainer.export(self.ws.model("grpo")))
+            if "eval" in self.stages:  # the test-split evaluation reuses the pool
+                self.evaluate_on_pool(trainer.pool)
+        finally:
+            trainer.shutdown()
+        self.report.stage_s["grpo"] = time.perf_counter() - start
+        self.report.phase_s = result.phase_s
+        if result.interrupted:
+            tracker.end("KILLED")
+            raise Interrupted(f"GRPO stopped at step {result.steps}; checkpoint in {self.ws.checkpoints('grpo')}")
+        tracker.end()
+        return out
+
+    def evaluate_on_pool(self, pool: Any) -> EvalResult:
+        evaluator = make_evaluator(self.cfg, self.ws, split="test")
+        tracker = self.tracker.child("eval")
+        start = time.perf_counter()
+        trees, stats = pool.rollout(evaluator.problems, 1, seed=0, sampling=evaluator.runtime_cfg.sampling)
+        result = evaluator.score(trees, stats.wall_s)
+        tracker.log_metrics({f"test/{k}": v for k, v in result.metrics.items()}, 0)
+        self.tracker.log_metrics({f"test/{k}": v for k, v in result.metrics.items()}, 0)
+        self._log_eval_artifacts(tracker, "test", result, evaluator.decode)
+        tracker.end()
+        self.report.evaluations["test"] = result.metrics
+        self.report.stage_s["eval"] = time.perf_counter() - start
+        print(f"[test] {result.line()}", flush=True)
+        return result
+
+    def eval(self, model_dir: Path) -> EvalResult:
+        """Evaluate `model_dir` on the test split with a generator pool of its own."""
+        from apr_ray.pool import GeneratorPool
+        from apr_ray.rollout.generator import GeneratorConfig
+
+        cfg = self.cfg
+        gen_cfg = GeneratorConfig(engine=cfg.rollout.engine.model_copy(update={"model": str(model_dir)}),
+                                  backend=cfg.rollout.backend, runtime=cfg.rollout.runtime, protocol=cfg.protocol,
+                                  max_concurrent_trees=cfg.rollout.pool.max_concurrent_trees)
+        pool = GeneratorPool(gen_cfg, cfg.rollout.pool)
+        try:
+            return self.evaluate_on_pool(pool)
+        finally:
+            pool.shutdown()
+
+    # ------------------------------------------------------------------ the whole job
+
+    def run(self, stages: tuple[str, ...] = STAGES, model_dir: Path | None = None) -> PipelineReport:
+        self.stages = stages
+        status = "FINISHED"
+        try:
+            if "data" in stages:
+                start = time.perf_counter()
+                data_stage(self.cfg, self.ws, self.progress)
+                self.report.stage_s["data"] = time.perf_counter() - start
+            ray_init()
+            model = model_dir or ensure_init_model(self.cfg, self.ws)
+            if "sft" in stages and self.cfg.sft.steps > 0:
+                model = self.sft(model)
+            if "grpo" in stages and self.cfg.grpo.steps > 0:
+                model = self.grpo(model)
+            elif "eval" in stages:
+                self.eval(model)
+            self.report.model_dir = str(model)
+            if model != self.ws.init_model:
+                self.tracker.log_model_dir(Path(model), "model")
+        except (Interrupted, KeyboardInterrupt) as err:
+            status, self.report.interrupted = "KILLED", True
+            print(f"\ninterrupted: {err}" if str(err) else "\ninterrupted")
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            self._plot(self.tracker)
+            (self.ws.root / "summary.json").write_text(json.dumps(self.report.__dict__, indent=1, default=str))
+            self.tracker.log_artifact(self.ws.root / "summary.json")
+            self.tracker.end(status)
+        return self.report
+
+
+def _both(*logs: Any):
+    def log(metrics: dict[str, float], step: int) -> None:
+        for fn in logs:
+            fn(metrics, step)
+
+    return log
+
+
+def _load_model(model_dir: Path) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def summary_table(report: PipelineReport) -> str:
+    """The closing table: the ladder before / after each stage, time per stage and the MLflow pointer."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = list(LADDER_KEYS) + ["tokens_total_mean", "tokens_critical_path_mean", "threads_per_tree"]
+    table = Table(title="apr-ray: validation ladder (greedy)")
+    table.add_column("metric")
+    for label in report.evaluations:
+        table.add_column(label, justify="right")
+    for key in rows:
+        cells = []
+        for metrics in report.evaluations.values():
+            v = metrics.get(key)
+            cells.append("-" if v is None else (f"{v:.3f}" if key in LADDER_KEYS else f"{v:.1f}"))
+        table.add_row(key, *cells)
+    buf = StringIO()
+    console = Console(file=buf, width=110, force_terminal=False)
+    console.print(table)
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in report.stage_s.items())
+    console.print(f"time: {times}")
+    total = sum(report.phase_s.get(k, 0.0) for k in ("rollout", "train", "sync", "score", "problems"))
+    if total > 0:
+        shares = ", ".join(f"{k} {report.phase_s[k] / total:.0%}" for k in ("rollout", "train", "sync", "score"))
+        console.print(f"GRPO step time: {shares}")
+    if report.model_dir:
+        console.print(f"model: {report.model_dir}")
+    console.print(f"MLflow: {report.tracking_hint}")
+    return buf.getvalue()

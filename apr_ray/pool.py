@@ -1,0 +1,229 @@
+"""The generator pool: generator actors behind RLlib's `FaultTolerantActorManager`, sized within a range.
+
+Owns who serves which request, and what happens when an actor dies:
+- a rollout is cut into requests of `groups_per_request` problems (each problem with its group of seeds);
+  every actor holds up to `requests_per_worker` requests at once, and each request's trees run
+  concurrently on its actor;
+- the manager reports an actor that died (a `RayActorError` on any of its calls); every request that
+  actor held is queued again, the actor is removed and killed, and a new one is started, loaded with the
+  current weights and only then added (so it never serves stale weights);
+- results are kept per request id, first arrival wins: a request served twice (its actor died after
+  answering) is counted once, and a request lost with its actor is served again, so every problem of a
+  rollout comes back exactly once;
+- `resize(n)` grows or shrinks the pool within [min_workers, max_workers] between rollouts.
+
+The generator's work is `rollout.generator.GeneratorImpl`; this module adds scheduling only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from apr_ray.config import PoolConfig
+from apr_ray.countdown.problems import Problem
+from apr_ray.rollout.engines import SamplingConfig
+from apr_ray.rollout.generator import Generator, GeneratorConfig, problems_to_batch
+from apr_ray.types import TreeRecord
+from apr_ray.weight_sync import WeightHandle
+
+log = logging.getLogger(__name__)
+
+# Application errors (not actor deaths) a request may raise before the rollout gives up on it.
+MAX_REQUEST_ATTEMPTS = 3
+
+
+class PoolError(RuntimeError):
+    """The pool cannot finish a rollout (too many actor deaths, or a request that keeps failing)."""
+
+
+@dataclass
+class _Request:
+    request_id: int
+    groups: list[int]  # positions of the rollout's problems in this request
+    batch: dict[str, Any]
+    attempts: int = 0
+
+
+@dataclass
+class RolloutStats:
+    """What one `rollout` call took."""
+
+    wall_s: float = 0.0
+    requests: int = 0
+    redispatched: int = 0  # requests queued again after their actor died or failed
+    replaced: int = 0  # actors replaced during the call
+    duplicates_dropped: int = 0  # results of a request already answered
+    per_actor_trees: dict[int, int] = field(default_factory=dict)
+
+
+class GeneratorPool:
+    def __init__(self, gen_cfg: GeneratorConfig, pool_cfg: PoolConfig, weights: WeightHandle | None = None) -> None:
+        from ray.rllib.utils.actor_manager import FaultTolerantActorManager
+
+        self.gen_cfg = gen_cfg
+        self.cfg = pool_cfg
+        self.weights = weights  # what every actor serves; a new actor loads it before its first request
+        self.manager = FaultTolerantActorManager(max_remote_requests_in_flight_per_actor=pool_cfg.requests_per_worker)
+        self.restarts = 0
+        self._ids = itertools.count()
+        self.resize(pool_cfg.num_workers)
+
+    # ------------------------------------------------------------------ membership
+
+    @property
+    def size(self) -> int:
+        return self.manager.num_actors()
+
+    @property
+    def version(self) -> int:
+        return self.weights.version if self.weights is not None else self.gen_cfg.initial_version
+
+    def _start_actor(self) -> Any:
+        """A new generator with its engine up and the current weights loaded."""
+        actor = Generator.options(
+            num_cpus=self.cfg.cpus_per_worker,
+            num_gpus=self.cfg.gpus_per_worker,
+            max_concurrency=max(64, 4 * self.cfg.requests_per_worker),
+        ).remote(self.gen_cfg)
+        ray.get(actor.start.remote())
+        if self.weights is not None:
+            ray.get(actor.update_weights.remote(self.weights))
+        return actor
+
+    def resize(self, num_workers: int) -> int:
+        """Grow or shrink to `num_workers`, clamped to [min_workers, max_workers]; the size reached.
+        Call between rollouts: a removed actor's in-flight work would be lost to this call."""
+        target = max(self.cfg.min_workers, min(self.cfg.max_workers, num_workers))
+        if target > self.size:
+            self.manager.add_actors([self._start_actor() for _ in range(target - self.size)])
+        while self.size > target:
+            actor_id = max(self.manager.actor_ids())
+            ray.kill(self.manager.remove_actor(actor_id))
+        return self.size
+
+    def _replace(self, actor_id: int) -> None:
+        self.restarts += 1
+        if self.restarts > self.cfg.max_restarts:
+            raise PoolError(f"{self.restarts} generator actors died in this stage (rollout.pool.max_restarts = "
+                            f"{self.cfg.max_restarts}); see the Ray logs of the dead actors")
+        try:
+            ray.kill(self.manager.remove_actor(actor_id))
+        except Exception:  # already gone: nothing to kill
+            pass
+        log.warning("generator actor %d died; starting a replacement (restart %d)", actor_id, self.restarts)
+        self.manager.add_actors([self._start_actor()])
+
+    # ------------------------------------------------------------------ weights
+
+    def sync_weights(self, handle: WeightHandle) -> float:
+        """Every actor serves `handle` when this returns (seconds taken). Actors that die meanwhile are
+        replaced, and their replacements start from `handle`."""
+        start = time.perf_counter()
+        self.weights = handle
+        results = self.manager.foreach_actor("update_weights", kwargs={"handle": handle}, healthy_only=False)
+        for r in results:
+            if not r.ok:
+                self._replace(r.actor_id)
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------ rollouts
+
+    def rollout(
+        self,
+        problems: Sequence[Problem],
+        group_size: int = 1,
+        *,
+        seed: int = 0,
+        sampling: SamplingConfig | None = None,
+    ) -> tuple[list[TreeRecord], RolloutStats]:
+        """`group_size` trees per problem, problem by problem (the group of problem i is trees
+        [i * group_size, (i + 1) * group_size)). Tree seeds are `seed + position`, so the samples of a
+        rollout do not depend on which actor served them."""
+        start = time.perf_counter()
+        stats = RolloutStats()
+        pending: deque[_Request] = deque()
+        per = self.cfg.groups_per_request
+        for first in range(0, len(problems), per):
+            groups = list(range(first, min(first + per, len(problems))))
+            rows = [problems[g] for g in groups for _ in range(group_size)]
+            seeds = [seed + g * group_size + k for g in groups for k in range(group_size)]
+            pending.append(_Request(next(self._ids), groups, problems_to_batch(rows, seeds)))
+        stats.requests = len(pending)
+        by_id = {r.request_id: r for r in pending}
+        done: dict[int, list[TreeRecord]] = {}
+        held: dict[int, set[int]] = {}  # actor id -> request ids it holds
+
+        while len(done) < len(by_id):
+            self._dispatch(pending, held, sampling)
+            results = self.manager.fetch_ready_async_reqs(timeout_seconds=0.2)
+            for r in results:
+                request_id = int(r.tag)
+                held.get(r.actor_id, set()).discard(request_id)
+                if r.ok:
+                    if request_id in done:
+                        stats.duplicates_dropped += 1
+                        continue
+                    trees = r.get()
+                    done[request_id] = trees
+                    stats.per_actor_trees[r.actor_id] = stats.per_actor_trees.get(r.actor_id, 0) + len(trees)
+                    continue
+                error = r.get()
+                if isinstance(error, ray.exceptions.RayActorError) or not self.manager.is_actor_healthy(r.actor_id):
+                    lost = held.pop(r.actor_id, set()) | {request_id}
+                    for rid in sorted(lost - done.keys()):
+                        pending.appendleft(by_id[rid])
+                        stats.redispatched += 1
+                    if r.actor_id in self.manager.actor_ids():
+                        self._replace(r.actor_id)
+                        stats.replaced += 1
+                    continue
+                req = by_id[request_id]
+                req.attempts += 1
+                if req.attempts >= MAX_REQUEST_ATTEMPTS:
+                    raise PoolError(f"request {request_id} (problems {[problems[g].problem_id for g in req.groups]}) "
+                                    f"failed {req.attempts} times; last error: {error!r}")
+                pending.appendleft(req)
+                stats.redispatched += 1
+        trees = [tree for rid in sorted(done) for tree in done[rid]]
+        stats.wall_s = time.perf_counter() - start
+        return trees, stats
+
+    def _dispatch(self, pending: deque[_Request], held: dict[int, set[int]], sampling: SamplingConfig | None) -> None:
+        """Hand queued requests to healthy actors with free request slots, least loaded first."""
+        while pending:
+            healthy = self.manager.healthy_actor_ids()
+            if not healthy:
+                raise PoolError("no healthy generator actor is left in the pool")
+            actor_id = min(healthy, key=lambda a: (len(held.get(a, ())), a))
+            if len(held.get(actor_id, ())) >= self.cfg.requests_per_worker:
+                return
+            req = pending.popleft()
+            fired = self.manager.foreach_actor_async(
+                "run_trees", tag=str(req.request_id), kwargs={"batch": req.batch, "sampling": sampling},
+                remote_actor_ids=[actor_id],
+            )
+            if not fired:  # the manager's own in-flight limit: try again after the next fetch
+                pending.appendleft(req)
+                return
+            held.setdefault(actor_id, set()).add(req.request_id)
+
+    def stats(self) -> list[dict[str, float]]:
+        """Each healthy actor's counters (`GeneratorImpl.stats`)."""
+        return [r.get() for r in self.manager.foreach_actor("stats") if r.ok]
+
+    def shutdown(self) -> None:
+        for actor_id in list(self.manager.actor_ids()):
+            try:
+                actor = self.manager.remove_actor(actor_id)
+                ray.get(actor.shutdown.remote(), timeout=30)
+                ray.kill(actor)
+            except Exception:  # a dead actor needs no shutdown
+                pass

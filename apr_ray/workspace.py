@@ -1,0 +1,78 @@
+"""Where a run keeps its files: one directory per run (`output_dir`), the same layout for every command.
+
+    output_dir/
+      config.yaml                 the resolved config of the last command
+      data/problems, data/demos-<kind>, data/config.yaml
+      model/init                  the initial model (HF directory) built from `model`
+      sft/checkpoints, sft/model  DeepSpeed checkpoints and the exported model after SFT
+      grpo/checkpoints, grpo/model
+      eval/                       evaluation trees (JSON + HTML) and plots
+      metrics.jsonl               every logged metric (the plain script's record; MLflow holds them too)
+
+Owns the layout and the initial model; imports neither Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from apr_ray.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def problems(self) -> Path:
+        return self.root / "data" / "problems"
+
+    def demos(self, kind: str) -> Path:
+        return self.root / "data" / f"demos-{kind}"
+
+    @property
+    def init_model(self) -> Path:
+        return self.root / "model" / "init"
+
+    def checkpoints(self, stage: str) -> Path:
+        return self.root / stage / "checkpoints"
+
+    def model(self, stage: str) -> Path:
+        return self.root / stage / "model"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    def append_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """One JSON line per call: {"step": N, "time": ..., metric: value}; non-finite values as null."""
+        import time
+
+        row = {"step": step, "time": time.time()}
+        row |= {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def ensure_init_model(cfg: RunConfig, ws: Workspace) -> Path:
+    """The initial model directory for `cfg.model`, built once (the same config always builds the same
+    weights) and rebuilt when the model config changed."""
+    from apr_ray.modeling import init_model, save_pretrained
+    from apr_ray.tokenizer import build_tokenizer
+
+    record = ws.init_model / "apr_ray_model.json"
+    wanted = cfg.model.model_dump(mode="json")
+    if record.is_file() and json.loads(record.read_text()) == wanted and (ws.init_model / "config.json").is_file():
+        return ws.init_model
+    tokenizer = build_tokenizer()
+    save_pretrained(init_model(cfg.model, tokenizer), tokenizer, ws.init_model)
+    record.write_text(json.dumps(wanted, indent=1))
+    return ws.init_model
