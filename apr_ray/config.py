@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    problems: ProblemConfig = Field(default_factory=lambda: ProblemConfig(num_operands=3, num_max=30, target_max=30))
+    problems: ProblemConfig = Field(default_factory=lambda: ProblemConfig(num_operands=3, num_max=20, target_max=30))
     train_problems: int = Field(2000, ge=1, description="problems in the train split")
     val_problems: int = Field(200, ge=1, description="problems in the validation split")
     test_problems: int = Field(200, ge=0, description="problems in the test split")
@@ -52,10 +52,10 @@ class SFTConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(600, ge=0, description="optimizer steps; 0 skips SFT (GRPO then starts from the initial model)")
-    batch_sequences: int = Field(64, ge=1, description="thread sequences per optimizer step")
+    steps: int = Field(400, ge=0, description="optimizer steps; 0 skips SFT (GRPO then starts from the initial model)")
+    batch_sequences: int = Field(16, ge=1, description="thread sequences per optimizer step")
     shuffle_buffer: int = Field(4096, ge=0, description="sequences held for shuffling the stream; <= 1 keeps file order")
-    learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(lr=2e-3, warmup_steps=30, weight_decay=0.01))
+    learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(lr=2e-3, warmup_steps=20, weight_decay=0.01))
     eval_every: int = Field(200, ge=0, description="evaluate on the validation split every this many steps; 0: at the end only")
     checkpoint_every: int = Field(0, ge=0, description="DeepSpeed checkpoint every this many steps; 0: at the end only")
     log_every: int = Field(10, ge=1, description="metrics to MLflow every this many steps")
@@ -104,13 +104,13 @@ class GRPOStageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(20, ge=0, description="rollout + update steps; 0 skips GRPO")
-    problems_per_step: int = Field(16, ge=1, description="train problems per step, each sampled group_size times")
+    steps: int = Field(4, ge=0, description="rollout + update steps; 0 skips GRPO")
+    problems_per_step: int = Field(8, ge=1, description="train problems per step, each sampled group_size times")
     algorithm: GRPOConfig = Field(default_factory=lambda: GRPOConfig(group_size=4, inner_steps=1, kl_coef=0.0))
     reward: RewardConfig = Field(default_factory=RewardConfig)
     learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(lr=2e-4))
-    eval_every: int = Field(10, ge=0, description="evaluate every this many steps; 0: at the end only")
-    checkpoint_every: int = Field(10, ge=0, description="checkpoint every this many steps; 0: at the end only")
+    eval_every: int = Field(0, ge=0, description="evaluate every this many steps; 0: at the end only")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every this many steps; 0: at the end only")
 
 
 class LearnerResources(BaseModel):
@@ -129,7 +129,7 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     split: Literal["val", "test"] = Field("val", description="problems split evaluated")
-    problems: int = Field(100, ge=1, description="problems evaluated (the split's first ones, a fixed set)")
+    problems: int = Field(50, ge=1, description="problems evaluated (the split's first ones, a fixed set)")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0),
                                      description="greedy by default")
     sample_trees: int = Field(4, ge=0, description="trees logged as artifacts (JSON + HTML) per evaluation")
@@ -189,17 +189,48 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
+# pydantic prefixes what a validator raised with these; the validators' own words are clearer alone.
+_VALIDATOR_PREFIXES = ("Value error, ", "Assertion failed, ")
+_MAX_INPUT_REPR = 80  # a pasted list or long string is cut, so one error stays one readable line
+
+
+def _error_text(e: dict) -> str:
+    """What was expected (or what a validator said), without pydantic's wording around it."""
+    if e["type"] == "model_type":  # a value where a section of keys belongs
+        return f"expected a section of keys (a mapping), got {type(e.get('input')).__name__}"
+    if e["type"] == "missing":
+        return "required key, not given"
+    msg = str(e["msg"])
+    for prefix in _VALIDATOR_PREFIXES:
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return msg
+
+
+def _input_text(e: dict) -> str:
+    # Validator errors describe their own values; for a missing key the input is only the parent section.
+    if e["type"] in ("model_type", "value_error", "assertion_error", "missing"):
+        return ""
+    got = e.get("input")
+    if isinstance(got, dict):  # e.g. `--set seed.x=1` made `seed` a section
+        return " (got a section of keys, not a value)"
+    text = repr(got)
+    if len(text) > _MAX_INPUT_REPR:
+        text = text[: _MAX_INPUT_REPR - 3] + "..."
+    return f" (got {text})"
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             parent, leaf = e["loc"][:-1], str(e["loc"][-1])
             lines.append(f"{source}: unknown key '{key}'{_suggest(leaf, _fields_at(RunConfig, parent))}")
+        elif not key:  # a cross-section check: its message names the keys involved
+            lines.append(f"{source}: {_error_text(e)}")
         else:
-            got = e.get("input")
-            got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
-            lines.append(f"{source}: {key}: {e['msg']}{got_text}")
+            lines.append(f"{source}: {key}: {_error_text(e)}{_input_text(e)}")
     return "\n".join(lines)
 
 
@@ -250,7 +281,11 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+            opened = f" ({context} at line {start.line + 1})" if context and start is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}{opened}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
         tree = loaded or {}
@@ -260,9 +295,21 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
     if overrides:
         source += " + --set overrides"
     try:
-        return RunConfig.model_validate(tree)
+        return RunConfig.model_validate(_merge(_DEFAULTS_TREE(), tree))
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+
+
+def _DEFAULTS_TREE() -> dict:  # noqa: N802 (reads as the constant it stands for)
+    return RunConfig.model_construct().model_dump(mode="json")
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """`override` laid over `base`, section by section: setting one key of a section keeps the section's
+    other values (the preset's / the code defaults'), instead of resetting them to the class defaults."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: _merge(base.get(k), v) if k in base else v for k, v in override.items()}}
+    return override
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -129,8 +129,13 @@ class Pipeline:
     # ------------------------------------------------------------------ helpers
 
     def _logger(self, tracker: Any, offset: int = 0):
+        """A stage's metric sink: its own run at the stage's step; the pipeline run, metrics.jsonl and the
+        ladder plot at `offset` + step, once each, so the whole job shares one x axis (SFT steps, then
+        GRPO steps after them)."""
+
         def log(metrics: dict[str, float], step: int) -> None:
-            tracker.log_metrics(metrics, step + offset)
+            tracker.log_metrics(metrics, step)
+            self.tracker.log_metrics(metrics, step + offset)
             self.ws.append_metrics(metrics, step + offset)
             for k, v in metrics.items():
                 if k.startswith("val/") and k[4:] in LADDER_KEYS:
@@ -230,7 +235,7 @@ class Pipeline:
         start = time.perf_counter()
         trainer = GRPOTrainer(cfg, str(model_dir), problems_dir=self.ws.problems,
                               checkpoint_dir=self.ws.checkpoints("grpo"), evaluator=evaluator,
-                              log=_both(self._logger(tracker), self._logger(self.tracker, offset)),
+                              log=self._logger(tracker, offset),
                               on_eval=on_eval, progress=self.progress)
         try:
             result = trainer.run()
@@ -310,14 +315,6 @@ class Pipeline:
             self.tracker.log_artifact(self.ws.root / "summary.json")
             self.tracker.end(status)
         return self.report
-
-
-def _both(*logs: Any):
-    def log(metrics: dict[str, float], step: int) -> None:
-        for fn in logs:
-            fn(metrics, step)
-
-    return log
 
 
 def _load_model(model_dir: Path) -> Any:

@@ -71,7 +71,7 @@ def run(cfg: RunConfig, workers: int, progress: bool = True) -> dict[str, float]
     evals: dict[int, dict[str, float]] = {}
 
     def evaluate(step: int) -> dict[str, float]:
-        result = evaluate_model(evaluator, learner.module)
+        result = evaluate_model(evaluator, learner.module, max_batch_size=cfg.rollout.engine.max_num_seqs)
         metrics = {f"val/{k}": v for k, v in result.metrics.items()}
         log(metrics, step)
         evals[step] = result.metrics

@@ -7,6 +7,10 @@ Owns who serves which request, and what happens when an actor dies:
 - the manager reports an actor that died (a `RayActorError` on any of its calls); every request that
   actor held is queued again, the actor is removed and killed, and a new one is started, loaded with the
   current weights and only then added (so it never serves stale weights);
+- a request that raises on a live actor (an application error) comes back as a value, not as an error:
+  the manager takes every error for a death (it marks the actor unhealthy and forgets the actor's other
+  requests in flight), so an application error would cost a healthy actor and lose its other requests.
+  Such a request is tried again, up to `MAX_REQUEST_ATTEMPTS` times, on the same actor or another;
 - results are kept per request id, first arrival wins: a request served twice (its actor died after
   answering) is counted once, and a request lost with its actor is served again, so every problem of a
   rollout comes back exactly once;
@@ -20,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import traceback
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +47,22 @@ MAX_REQUEST_ATTEMPTS = 3
 
 class PoolError(RuntimeError):
     """The pool cannot finish a rollout (too many actor deaths, or a request that keeps failing)."""
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """What a request that raised on its actor returns in place of its trees."""
+
+    error: str  # "Type: message"
+    traceback: str
+
+
+async def _run_trees(generator: Any, batch: dict[str, Any], sampling: SamplingConfig | None) -> Any:
+    """`run_trees` on the actor (through the manager's `apply`), an application error as a `_Failed` value."""
+    try:
+        return await generator.run_trees(batch, sampling)
+    except Exception as err:
+        return _Failed(f"{type(err).__name__}: {err}", traceback.format_exc())
 
 
 @dataclass
@@ -86,24 +107,33 @@ class GeneratorPool:
     def version(self) -> int:
         return self.weights.version if self.weights is not None else self.gen_cfg.initial_version
 
-    def _start_actor(self) -> Any:
-        """A new generator with its engine up and the current weights loaded."""
-        actor = Generator.options(
-            num_cpus=self.cfg.cpus_per_worker,
-            num_gpus=self.cfg.gpus_per_worker,
-            max_concurrency=max(64, 4 * self.cfg.requests_per_worker),
-        ).remote(self.gen_cfg)
-        ray.get(actor.start.remote())
-        if self.weights is not None:
-            ray.get(actor.update_weights.remote(self.weights))
-        return actor
+    def _start_actors(self, count: int) -> list[Any]:
+        """`count` new generators with their engines up and the current weights loaded. They start side by
+        side: an engine takes seconds (transformers) to minutes (vLLM) to come up."""
+        actors = [
+            Generator.options(
+                num_cpus=self.cfg.cpus_per_worker,
+                num_gpus=self.cfg.gpus_per_worker,
+                max_concurrency=max(64, 4 * self.cfg.requests_per_worker),
+            ).remote(self.gen_cfg)
+            for _ in range(count)
+        ]
+        try:
+            ray.get([actor.start.remote() for actor in actors])
+            if self.weights is not None:
+                ray.get([actor.update_weights.remote(self.weights) for actor in actors])
+        except BaseException:  # none of them joins the pool, so none may outlive this call
+            for actor in actors:
+                ray.kill(actor)
+            raise
+        return actors
 
     def resize(self, num_workers: int) -> int:
         """Grow or shrink to `num_workers`, clamped to [min_workers, max_workers]; the size reached.
         Call between rollouts: a removed actor's in-flight work would be lost to this call."""
         target = max(self.cfg.min_workers, min(self.cfg.max_workers, num_workers))
         if target > self.size:
-            self.manager.add_actors([self._start_actor() for _ in range(target - self.size)])
+            self.manager.add_actors(self._start_actors(target - self.size))
         while self.size > target:
             actor_id = max(self.manager.actor_ids())
             ray.kill(self.manager.remove_actor(actor_id))
@@ -119,7 +149,7 @@ class GeneratorPool:
         except Exception:  # already gone: nothing to kill
             pass
         log.warning("generator actor %d died; starting a replacement (restart %d)", actor_id, self.restarts)
-        self.manager.add_actors([self._start_actor()])
+        self.manager.add_actors(self._start_actors(1))
 
     # ------------------------------------------------------------------ weights
 
@@ -166,32 +196,38 @@ class GeneratorPool:
             results = self.manager.fetch_ready_async_reqs(timeout_seconds=0.2)
             for r in results:
                 request_id = int(r.tag)
-                held.get(r.actor_id, set()).discard(request_id)
-                if r.ok:
-                    if request_id in done:
-                        stats.duplicates_dropped += 1
-                        continue
-                    trees = r.get()
-                    done[request_id] = trees
-                    stats.per_actor_trees[r.actor_id] = stats.per_actor_trees.get(r.actor_id, 0) + len(trees)
+                if request_id not in by_id:  # a late answer to an earlier rollout that ended in an error
                     continue
-                error = r.get()
-                if isinstance(error, ray.exceptions.RayActorError) or not self.manager.is_actor_healthy(r.actor_id):
-                    lost = held.pop(r.actor_id, set()) | {request_id}
-                    for rid in sorted(lost - done.keys()):
+                was_held = request_id in held.get(r.actor_id, ())
+                held.get(r.actor_id, set()).discard(request_id)
+                if not r.ok:  # the manager reports Ray errors only (see `_run_trees`): the actor died
+                    # Its requests still held are lost with it (the manager forgot them). A request it
+                    # no longer holds was queued again with the first of its errors in this fetch.
+                    lost = held.pop(r.actor_id, set()) | ({request_id} if was_held else set())
+                    for rid in sorted(lost - done.keys(), reverse=True):
                         pending.appendleft(by_id[rid])
                         stats.redispatched += 1
                     if r.actor_id in self.manager.actor_ids():
+                        log.warning("generator actor %d failed: %r", r.actor_id, r.get())
                         self._replace(r.actor_id)
                         stats.replaced += 1
                     continue
-                req = by_id[request_id]
-                req.attempts += 1
-                if req.attempts >= MAX_REQUEST_ATTEMPTS:
-                    raise PoolError(f"request {request_id} (problems {[problems[g].problem_id for g in req.groups]}) "
-                                    f"failed {req.attempts} times; last error: {error!r}")
-                pending.appendleft(req)
-                stats.redispatched += 1
+                value = r.get()
+                if isinstance(value, _Failed):
+                    req = by_id[request_id]
+                    req.attempts += 1
+                    if req.attempts >= MAX_REQUEST_ATTEMPTS:
+                        raise PoolError(
+                            f"request {request_id} (problems {[problems[g].problem_id for g in req.groups]}) failed "
+                            f"{req.attempts} times; last error: {value.error}\n{value.traceback}")
+                    pending.appendleft(req)
+                    stats.redispatched += 1
+                    continue
+                if request_id in done:
+                    stats.duplicates_dropped += 1
+                    continue
+                done[request_id] = value
+                stats.per_actor_trees[r.actor_id] = stats.per_actor_trees.get(r.actor_id, 0) + len(value)
         trees = [tree for rid in sorted(done) for tree in done[rid]]
         stats.wall_s = time.perf_counter() - start
         return trees, stats
@@ -207,7 +243,7 @@ class GeneratorPool:
                 return
             req = pending.popleft()
             fired = self.manager.foreach_actor_async(
-                "run_trees", tag=str(req.request_id), kwargs={"batch": req.batch, "sampling": sampling},
+                _run_trees, tag=str(req.request_id), kwargs={"batch": req.batch, "sampling": sampling},
                 remote_actor_ids=[actor_id],
             )
             if not fired:  # the manager's own in-flight limit: try again after the next fetch
