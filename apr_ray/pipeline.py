@@ -123,12 +123,16 @@ class Pipeline:
         self.tracker = make_tracker(cfg.tracking, self.ws.root.resolve(), cfg.name,
                                     params=flatten(cfg.model_dump(mode="json")))
         self.tracker.log_text(dump_config(cfg), "config.yaml")
+        from apr_ray.telemetry import RayMetrics
+
+        # The same numbers as live Ray metrics (Prometheus → dashboards/apr-ray.json).
+        self.live = RayMetrics(getattr(self.tracker, "run_name", "") or cfg.name)
         self.report = PipelineReport(tracking_hint=self.tracker.ui_hint())
         self.history: dict[str, list[tuple[int, float]]] = {}
 
     # ------------------------------------------------------------------ helpers
 
-    def _logger(self, tracker: Any, offset: int = 0):
+    def _logger(self, tracker: Any, stage: str, offset: int = 0):
         """A stage's metric sink: its own run at the stage's step; the pipeline run, metrics.jsonl and the
         ladder plot at `offset` + step, once each, so the whole job shares one x axis (SFT steps, then
         GRPO steps after them)."""
@@ -137,6 +141,7 @@ class Pipeline:
             tracker.log_metrics(metrics, step)
             self.tracker.log_metrics(metrics, step + offset)
             self.ws.append_metrics(metrics, step + offset)
+            self.live.publish(metrics, stage)
             for k, v in metrics.items():
                 if k.startswith("val/") and k[4:] in LADDER_KEYS:
                     self.history.setdefault(k, []).append((step + offset, float(v)))
@@ -180,7 +185,7 @@ class Pipeline:
         if not _has_parquet(demos):
             raise FileNotFoundError(f"{demos}: no demonstrations (run the data stage first: `apr-ray run`)")
         tracker = self.tracker.child("sft")
-        log = self._logger(tracker)
+        log = self._logger(tracker, "sft")
         evaluator = make_evaluator(cfg, self.ws)
         res = cfg.learners
         learner = LearnerGroup(cfg.sft.learner, model_dir, num_learners=res.num_learners,
@@ -235,7 +240,7 @@ class Pipeline:
         start = time.perf_counter()
         trainer = GRPOTrainer(cfg, str(model_dir), problems_dir=self.ws.problems,
                               checkpoint_dir=self.ws.checkpoints("grpo"), evaluator=evaluator,
-                              log=self._logger(tracker, offset),
+                              log=self._logger(tracker, "grpo", offset),
                               on_eval=on_eval, progress=self.progress)
         try:
             result = trainer.run()

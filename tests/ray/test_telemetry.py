@@ -4,7 +4,11 @@ key gets one gauge that later calls reuse."""
 
 import math
 
+import pytest
+
 from apr_ray.telemetry import DASHBOARD_METRICS, RayMetrics
+
+pytestmark = pytest.mark.ray
 
 
 def test_publish_on_ray_gauges(ray_cluster):

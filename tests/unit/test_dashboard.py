@@ -54,7 +54,7 @@ def _exprs(dash):
         ("sft/tokens_per_s", "apr_ray_sft_tokens_per_s"),
         ("a.b-c d:e", "apr_ray_a_b_c_d_e"),  # ':' is legal in Prometheus but reserved for recording rules
         ("1st/x", "apr_ray_1st_x"),  # the prefix keeps a leading digit legal
-        ("é/%", "apr_ray___"),  # one '_' per character, non-ASCII letters included
+        ("é/%", "apr_ray_" + "___"),  # one '_' per character, non-ASCII letters included
     ],
 )
 def test_metric_name(key, name):
@@ -150,7 +150,8 @@ def test_dashboard_keys_are_logged_by_the_code():
 
     produced = {f"grpo/{k}" for k in rollout_metrics([], [], 0)}
     produced |= {f"val/{k}" for k in ladder.summarize([], lambda ids: "")}
-    produced |= set(_window_metrics([{"loss": 1.0, "grad_norm": 1.0, "seq_tokens": 10, "step_s": 1.0}], 1.0, SFTResult()))
+    produced |= set(_window_metrics([{"loss": 1.0, "grad_norm": 1.0, "seq_tokens": 10, "step_s": 1.0}], 1.0,
+                                    SFTResult(steps=1, tokens=10, wall_s=1.0, train_s=1.0, eval_s=0.0)))
     produced |= {f"grpo/time_{p}_s" for p in PHASES}
     step_source = inspect.getsource(GRPOTrainer._step)
     produced |= {k for k in DASHBOARD_METRICS if k.startswith("grpo/") and f'"{k}"' in step_source}
