@@ -119,7 +119,7 @@ class LearnerResources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_learners: int = Field(1, ge=1, description="data-parallel learner ranks (Ray actors)")
-    cpus_per_learner: float = Field(1.0, gt=0.0, description="Ray CPUs per rank")
+    cpus_per_learner: float = Field(2.0, gt=0.0, description="Ray CPUs per rank (also its torch threads on CPU)")
     gpus_per_learner: float = Field(0.0, ge=0.0, description="Ray GPUs per rank (1 on a GPU cluster)")
 
 

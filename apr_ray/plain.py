@@ -87,7 +87,7 @@ def run(cfg: RunConfig, workers: int, progress: bool = True) -> dict[str, float]
 
     batches = epochs(lambda e: iter_sft_batches(demos, cfg.sft.batch_sequences, shuffle_buffer=cfg.sft.shuffle_buffer,
                                                 seed=cfg.seed + e))
-    if cfg.sft.eval_every or cfg.sft.steps == 0:
+    if cfg.sft.steps == 0:  # nothing to train: evaluate the model as it is (an untrained one only babbles)
         evaluate(0)
     result = run_sft(cfg.sft, learner, batches, log=log, evaluate=evaluate, checkpoint=checkpoint, progress=progress)
     learner.export_hf(ws.model("sft"))
