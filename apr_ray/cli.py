@@ -57,6 +57,9 @@ def _run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
         raise FileNotFoundError(f"--model {model}: not a model directory (no config.json)")
     if model is None and stages[0] != "data":
         model = _default_model(cfg, stages)
+        if model is None:
+            print(f"note: no SFT model under {cfg.output_dir} (sft/model): GRPO starts from the untrained initial "
+                  "model; pass --model DIR or run `apr-ray sft` first")
     print(f"apr-ray {args.command}: preset {cfg.name}, stages {' → '.join(stages)}, output {cfg.output_dir}")
     pipeline = Pipeline(cfg, progress=not args.no_progress)
     report = pipeline.run(stages, model_dir=Path(model) if model else None)

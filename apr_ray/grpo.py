@@ -165,20 +165,38 @@ def _check_sequences(seqs: Sequence[TrainSequence]) -> None:
             raise ValueError(f"sequence {i} (tree {s.tree_index}): weight {s.weight} must be > 0")
 
 
-def _pack(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Longest first, greedily: a micro-batch grows while rows x longest row fits the budget.
+# What one more micro-batch costs beyond its padded tokens (a forward/backward launch, the optimizer's
+# gradient accumulation), in token-equivalents: it keeps the packer from cutting a batch into slivers.
+MICRO_BATCH_OVERHEAD_TOKENS = 256
 
-    Sorting puts similar lengths together, which cuts padding. A sequence longer than the budget
-    gets a micro-batch of its own.
+
+def _pack(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Micro-batches (lists of row indices) of at most `max_tokens` padded tokens (rows x longest row),
+    with the least padded tokens + MICRO_BATCH_OVERHEAD_TOKENS per micro-batch.
+
+    Rows sorted longest first are cut into consecutive runs by dynamic programming: a run is padded to
+    its first (longest) row. Demonstration batches mix 50- and 900-token threads, so one greedy run padded
+    to the longest row wasted ~65% of the compute (measured on the tiny preset's demos). A sequence longer
+    than the budget gets a micro-batch of its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of packing the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):  # the run order[i:j], padded to lengths[order[i]]
+            width = lengths[order[i]]
+            if (j - i) * width > max_tokens and j - i > 1:
+                break
+            cost = best[i] + (j - i) * width + MICRO_BATCH_OVERHEAD_TOKENS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    runs: list[list[int]] = []
+    j = n
+    while j > 0:
+        runs.append(order[cut[j]:j])
+        j = cut[j]
+    return runs[::-1]
 
 
 def _collate(

@@ -49,6 +49,24 @@ def _has_parquet(directory: Path) -> bool:
     return directory.is_dir() and any(directory.rglob("*.parquet"))
 
 
+def _data_settings(cfg: RunConfig) -> dict:
+    return {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json")}
+
+
+def check_data_settings(cfg: RunConfig, ws: Workspace) -> None:
+    """Refuse a workspace whose data was written with other data settings (before anything starts)."""
+    import yaml
+
+    root, record = ws.root / "data", ws.root / "data" / "config.yaml"
+    if _has_parquet(ws.problems) or _has_parquet(ws.demos(cfg.data.demos.kind)):
+        previous = yaml.safe_load(record.read_text()) if record.is_file() else None
+        if previous != _data_settings(cfg):
+            raise ConfigError(
+                f"{root} holds data written with other data settings (see {record}); "
+                f"choose another output_dir (--set output_dir=...) or delete {root}"
+            )
+
+
 def data_stage(cfg: RunConfig, ws: Workspace, progress: bool = True) -> Path:
     """Problems and demonstrations for `cfg` in the workspace, reused when a previous run wrote them with
     the same data settings (kept in data/config.yaml); refused when the settings differ, so a changed
@@ -58,19 +76,10 @@ def data_stage(cfg: RunConfig, ws: Workspace, progress: bool = True) -> Path:
     from apr_ray import data
     from apr_ray.tokenizer import build_tokenizer
 
-    root = ws.root / "data"
-    demos_dir = ws.demos(cfg.data.demos.kind)
-    settings = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json")}
-    record = root / "config.yaml"
-    if _has_parquet(ws.problems) or _has_parquet(demos_dir):
-        previous = yaml.safe_load(record.read_text()) if record.is_file() else None
-        if previous != settings:
-            raise ConfigError(
-                f"{root} holds data written with other data settings (see {record}); "
-                f"choose another output_dir (--set output_dir=...) or delete {root}"
-            )
+    root, demos_dir = ws.root / "data", ws.demos(cfg.data.demos.kind)
+    check_data_settings(cfg, ws)
     root.mkdir(parents=True, exist_ok=True)
-    record.write_text(yaml.safe_dump(settings, sort_keys=False))
+    (root / "config.yaml").write_text(yaml.safe_dump(_data_settings(cfg), sort_keys=False))
     ray_init()
     if not _has_parquet(ws.problems):
         summary = data.generate_problem_data(ws.problems, cfg.data.split_sizes(), seed=cfg.seed,
@@ -118,6 +127,7 @@ class Pipeline:
 
         self.cfg, self.progress = cfg, progress
         self.ws = Workspace(cfg.output_dir)
+        check_data_settings(cfg, self.ws)  # a refused workspace leaves no MLflow run behind
         self.ws.root.mkdir(parents=True, exist_ok=True)
         (self.ws.root / "config.yaml").write_text(dump_config(cfg))
         self.tracker = make_tracker(cfg.tracking, self.ws.root.resolve(), cfg.name,
@@ -278,6 +288,7 @@ class Pipeline:
         from apr_ray.rollout.generator import GeneratorConfig
 
         cfg = self.cfg
+        make_evaluator(cfg, self.ws, split="test")  # a missing dataset fails before any engine starts
         gen_cfg = GeneratorConfig(engine=cfg.rollout.engine.model_copy(update={"model": str(model_dir)}),
                                   backend=cfg.rollout.backend, runtime=cfg.rollout.runtime, protocol=cfg.protocol,
                                   max_concurrent_trees=cfg.rollout.pool.max_concurrent_trees)
