@@ -9,8 +9,12 @@ a GPU machine. Must not import Ray or MLflow.
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,6 +54,35 @@ def epochs(make_epoch: Callable[[int], Iterator[list[TrainSequence]]]) -> Iterat
         epoch += 1
 
 
+@contextmanager
+def stop_on_interrupt(stage: str) -> Iterator[Callable[[], bool]]:
+    """While inside, the first Ctrl-C (SIGINT) only sets a flag that the loop reads between steps; a second
+    one raises KeyboardInterrupt as usual. Yields the flag's reader.
+
+    Why: a KeyboardInterrupt raised inside a step abandons the driver's wait while the learner (a Ray actor)
+    finishes the update anyway, so the checkpoint written next would hold one step more than the loop
+    counted. Off the main thread (or with SIGINT ignored, as under nohup) nothing is installed."""
+    requested = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal requested
+        if requested:
+            raise KeyboardInterrupt
+        requested = True
+        print(f"\n{stage}: Ctrl-C: stopping after the current step (Ctrl-C again: at once)", file=sys.stderr,
+              flush=True)
+
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+        yield lambda: False
+        return
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_sft(
     cfg: SFTConfig,
     learner: SFTLearner,
@@ -63,44 +96,52 @@ def run_sft(
 ) -> SFTResult:
     """Train `cfg.steps` steps. Metrics go to `log(metrics, step)` every `cfg.log_every` steps (prefix
     `sft/`), evaluation results every `cfg.eval_every` steps and at the end (`evaluate(step)` returns
-    metrics, logged by the caller). Ctrl-C stops after the step in flight; the caller's `checkpoint` runs
-    then as at the end, and the result says `interrupted`."""
+    metrics, logged by the caller). Ctrl-C stops after the step in flight (see `stop_on_interrupt`): the
+    steps since the last log are logged, the caller's `checkpoint` runs as at the end, and the result says
+    `interrupted`."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     result = SFTResult(steps=start_step, tokens=0, wall_s=0.0, train_s=0.0, eval_s=0.0)
     window: list[dict[str, float]] = []
     bar = tqdm(total=cfg.steps, initial=start_step, desc="sft", unit="step", disable=not progress, dynamic_ncols=True)
-    try:
-        for step in range(start_step + 1, cfg.steps + 1):
-            batch = next(batches)
-            t_step = time.perf_counter()
-            metrics = learner.sft_step(batch)
-            result.train_s += time.perf_counter() - t_step
-            result.steps, result.tokens, result.last = step, result.tokens + int(metrics["tokens"]), metrics
-            window.append(metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log(_window_metrics(window, time.perf_counter() - t0, result), step)
-                window = []
-            if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                result.eval_s += _timed(evaluate, step)
-            if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(step)
-            if cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
-                print(f"sft: stopping at step {step}: sft.max_minutes={cfg.max_minutes} reached")
-                if window:
+    with stop_on_interrupt("sft") as stop_requested:
+        try:
+            for step in range(start_step + 1, cfg.steps + 1):
+                if stop_requested():  # Ctrl-C came during the previous step's evaluation or checkpoint
+                    result.interrupted = True
+                    break
+                batch = next(batches)
+                t_step = time.perf_counter()
+                metrics = learner.sft_step(batch)
+                result.train_s += time.perf_counter() - t_step
+                result.steps, result.tokens, result.last = step, result.tokens + int(metrics["tokens"]), metrics
+                window.append(metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                if step % cfg.log_every == 0 or step == cfg.steps:
                     log(_window_metrics(window, time.perf_counter() - t0, result), step)
-                break
-    except KeyboardInterrupt:
-        result.interrupted = True
-    finally:
-        bar.close()
-    if evaluate is not None and not result.interrupted and result.steps > start_step:
-        result.eval_s += _timed(evaluate, result.steps)
-    if checkpoint is not None and result.steps > start_step:
-        checkpoint(result.steps)
+                    window = []
+                if stop_requested():  # no periodic evaluation or checkpoint: the final checkpoint follows
+                    result.interrupted = True
+                    break
+                if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                    result.eval_s += _timed(evaluate, step)
+                if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    checkpoint(step)
+                if cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                    print(f"sft: stopping at step {step}: sft.max_minutes={cfg.max_minutes} reached")
+                    break
+        except KeyboardInterrupt:  # the second Ctrl-C: the step in flight is abandoned
+            result.interrupted = True
+        finally:
+            bar.close()
+        if window:  # steps since the last log (a stop before the end)
+            log(_window_metrics(window, time.perf_counter() - t0, result), result.steps)
+        if evaluate is not None and not result.interrupted and result.steps > start_step:
+            result.eval_s += _timed(evaluate, result.steps)
+        if checkpoint is not None and result.steps > start_step:
+            checkpoint(result.steps)
     result.wall_s = time.perf_counter() - t0
     return result
 

@@ -28,6 +28,7 @@ from apr_ray.countdown.problems import Problem
 from apr_ray.evaluation import EvalResult, Evaluator
 from apr_ray.grpo import prepare_sequences
 from apr_ray.rewards import score_tree
+from apr_ray.sft import stop_on_interrupt
 from apr_ray.types import TreeRecord
 
 PHASES = ("problems", "rollout", "score", "train", "sync")
@@ -137,21 +138,24 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         problems = problem_stream(self.problems_dir, g.problems_per_step, self.cfg.seed)
         bar = tqdm(total=g.steps, desc="grpo", unit="step", disable=not self.progress, dynamic_ncols=True)
-        step = 0
-        try:
-            for step in range(1, g.steps + 1):
-                metrics = self._step(step, problems, result)
-                result.steps = step
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['grpo/reward_mean']:.3f}", acc=f"{metrics['grpo/accuracy']:.2f}")
-                if g.eval_every and step % g.eval_every == 0 and step != g.steps:
-                    self._timed_eval(step, result)
-                if g.checkpoint_every and step % g.checkpoint_every == 0 and step != g.steps:
-                    self.checkpoint(step)
-        except KeyboardInterrupt:
-            result.interrupted = True
-        finally:
-            bar.close()
+        with stop_on_interrupt("grpo") as stop_requested:
+            try:
+                for step in range(1, g.steps + 1):
+                    metrics = self._step(step, problems, result)
+                    result.steps = step
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['grpo/reward_mean']:.3f}", acc=f"{metrics['grpo/accuracy']:.2f}")
+                    if stop_requested():
+                        result.interrupted = True
+                        break
+                    if g.eval_every and step % g.eval_every == 0 and step != g.steps:
+                        self._timed_eval(step, result)
+                    if g.checkpoint_every and step % g.checkpoint_every == 0 and step != g.steps:
+                        self.checkpoint(step)
+            except KeyboardInterrupt:  # the second Ctrl-C: the step in flight is abandoned
+                result.interrupted = True
+            finally:
+                bar.close()
         if not result.interrupted:
             self._timed_eval(result.steps, result)
         if result.steps:
