@@ -139,6 +139,7 @@ class Pipeline:
         self.live = RayMetrics(getattr(self.tracker, "run_name", "") or cfg.name)
         self.report = PipelineReport(tracking_hint=self.tracker.ui_hint())
         self.history: dict[str, list[tuple[int, float]]] = {}
+        self._pool_future: Any = None  # Future[GeneratorPool], started by the first stage that needs it
 
     # ------------------------------------------------------------------ helpers
 
@@ -186,9 +187,9 @@ class Pipeline:
     def sft(self, model_dir: Path) -> Path:
         """SFT on a Ray learner group from `model_dir`; returns the exported model directory."""
         from apr_ray.data import iter_sft_batches, split_sft_stream
-        from apr_ray.evaluation import evaluate_model
         from apr_ray.learner.actor import LearnerGroup
         from apr_ray.sft import epochs, run_sft
+        from apr_ray.weight_sync import ObjectStoreTransport
 
         cfg = self.cfg
         demos = self.ws.demos(cfg.data.demos.kind)
@@ -200,11 +201,13 @@ class Pipeline:
         res = cfg.learners
         learner = LearnerGroup(cfg.sft.learner, model_dir, num_learners=res.num_learners,
                                num_cpus_per_learner=res.cpus_per_learner, num_gpus_per_learner=res.gpus_per_learner)
-        eval_model = _load_model(model_dir)
+        self._start_pool(model_dir)  # starts while SFT trains; serves the evaluations
+        transport = ObjectStoreTransport()
 
         def evaluate(step: int) -> None:
-            eval_model.load_state_dict(learner.full_state_dict(), strict=False)
-            result = evaluate_model(evaluator, eval_model)
+            handle = learner.publish_weights(transport, step)
+            self._pool().sync_weights(handle)
+            result = self._evaluate(evaluator, "val")
             log({f"val/{k}": v for k, v in result.metrics.items()}, step)
             print(f"[sft step {step}] {result.line()}", flush=True)
             self.report.evaluations["after SFT"] = result.metrics
@@ -222,6 +225,8 @@ class Pipeline:
             result = run_sft(cfg.sft, learner, batches, log=log, evaluate=evaluate, checkpoint=checkpoint,
                              progress=self.progress)
             out = Path(learner.export_hf(self.ws.model("sft")))
+            if not result.interrupted:  # the pool serves the exported weights (the last evaluation synced them)
+                self._pool().rebase(str(out), result.steps)
         finally:
             learner.shutdown()
         self.report.stage_s["sft"] = time.perf_counter() - start
@@ -248,7 +253,9 @@ class Pipeline:
                 self._log_eval_artifacts(tracker, f"grpo_step{step}", result, evaluator.decode)
 
         start = time.perf_counter()
-        trainer = GRPOTrainer(cfg, str(model_dir), problems_dir=self.ws.problems,
+        if self._pool_future is None:
+            self._start_pool(model_dir)
+        trainer = GRPOTrainer(cfg, str(model_dir), self._pool(), problems_dir=self.ws.problems,
                               checkpoint_dir=self.ws.checkpoints("grpo"), evaluator=evaluator,
                               log=self._logger(tracker, "grpo", offset),
                               on_eval=on_eval, progress=self.progress)
@@ -256,7 +263,7 @@ class Pipeline:
             result = trainer.run()
             out = Path(trainer.export(self.ws.model("grpo")))
             if "eval" in self.stages:  # the test-split evaluation reuses the pool
-                self.evaluate_on_pool(trainer.pool)
+                self.evaluate_on_pool()
         finally:
             trainer.shutdown()
         self.report.stage_s["grpo"] = time.perf_counter() - start
@@ -267,12 +274,35 @@ class Pipeline:
         tracker.end()
         return out
 
-    def evaluate_on_pool(self, pool: Any) -> EvalResult:
+    def _start_pool(self, model_dir: Path) -> None:
+        """Start the job's generator pool serving `model_dir`, in the background (a vLLM engine takes
+        ~40 s to start on CPU; SFT trains meanwhile). One pool serves the whole job: SFT evaluations,
+        GRPO rollouts, the test evaluation."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from apr_ray.pool import GeneratorPool
+        from apr_ray.rollout.generator import GeneratorConfig
+
+        cfg = self.cfg
+        gen_cfg = GeneratorConfig(engine=cfg.rollout.engine.model_copy(update={"model": str(model_dir)}),
+                                  backend=cfg.rollout.backend, runtime=cfg.rollout.runtime, protocol=cfg.protocol,
+                                  max_concurrent_trees=cfg.rollout.pool.max_concurrent_trees)
+        self._pool_future = ThreadPoolExecutor(1, thread_name_prefix="pool-start").submit(
+            GeneratorPool, gen_cfg, cfg.rollout.pool)
+
+    def _pool(self) -> Any:
+        return self._pool_future.result()
+
+    def _evaluate(self, evaluator: Evaluator, label: str) -> EvalResult:
+        sampling = evaluator.runtime_cfg.sampling
+        trees, stats = self._pool().rollout(evaluator.problems, 1, seed=0, sampling=sampling)
+        return evaluator.score(trees, stats.wall_s)
+
+    def evaluate_on_pool(self) -> EvalResult:
         evaluator = make_evaluator(self.cfg, self.ws, split="test")
         tracker = self.tracker.child("eval")
         start = time.perf_counter()
-        trees, stats = pool.rollout(evaluator.problems, 1, seed=0, sampling=evaluator.runtime_cfg.sampling)
-        result = evaluator.score(trees, stats.wall_s)
+        result = self._evaluate(evaluator, "test")
         tracker.log_metrics({f"test/{k}": v for k, v in result.metrics.items()}, 0)
         self.tracker.log_metrics({f"test/{k}": v for k, v in result.metrics.items()}, 0)
         self._log_eval_artifacts(tracker, "test", result, evaluator.decode)
@@ -283,20 +313,11 @@ class Pipeline:
         return result
 
     def eval(self, model_dir: Path) -> EvalResult:
-        """Evaluate `model_dir` on the test split with a generator pool of its own."""
-        from apr_ray.pool import GeneratorPool
-        from apr_ray.rollout.generator import GeneratorConfig
-
-        cfg = self.cfg
-        make_evaluator(cfg, self.ws, split="test")  # a missing dataset fails before any engine starts
-        gen_cfg = GeneratorConfig(engine=cfg.rollout.engine.model_copy(update={"model": str(model_dir)}),
-                                  backend=cfg.rollout.backend, runtime=cfg.rollout.runtime, protocol=cfg.protocol,
-                                  max_concurrent_trees=cfg.rollout.pool.max_concurrent_trees)
-        pool = GeneratorPool(gen_cfg, cfg.rollout.pool)
-        try:
-            return self.evaluate_on_pool(pool)
-        finally:
-            pool.shutdown()
+        """Evaluate `model_dir` on the test split."""
+        make_evaluator(self.cfg, self.ws, split="test")  # a missing dataset fails before any engine starts
+        if self._pool_future is None:
+            self._start_pool(model_dir)
+        return self.evaluate_on_pool()
 
     # ------------------------------------------------------------------ the whole job
 
@@ -326,18 +347,15 @@ class Pipeline:
             status = "FAILED"
             raise
         finally:
+            if self._pool_future is not None:
+                self._pool_future.cancel()
+                if self._pool_future.done() and self._pool_future.exception() is None:
+                    self._pool_future.result().shutdown()
             self._plot(self.tracker)
             (self.ws.root / "summary.json").write_text(json.dumps(self.report.__dict__, indent=1, default=str))
             self.tracker.log_artifact(self.ws.root / "summary.json")
             self.tracker.end(status)
         return self.report
-
-
-def _load_model(model_dir: Path) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
 def summary_table(report: PipelineReport) -> str:

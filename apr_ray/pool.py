@@ -153,6 +153,13 @@ class GeneratorPool:
 
     # ------------------------------------------------------------------ weights
 
+    def rebase(self, model_dir: str, version: int) -> None:
+        """The weights served (`version`) are now saved in `model_dir`: replacements start from there.
+        Call before the learner that published them goes away (its object-store copy goes with it)."""
+        engine = self.gen_cfg.engine.model_copy(update={"model": str(model_dir)})
+        self.gen_cfg = self.gen_cfg.model_copy(update={"engine": engine, "initial_version": version})
+        self.weights = None
+
     def sync_weights(self, handle: WeightHandle) -> float:
         """Every actor serves `handle` when this returns (seconds taken). Actors that die meanwhile are
         replaced, and their replacements start from `handle`."""

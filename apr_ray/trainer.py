@@ -21,7 +21,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apr_ray.config import RunConfig
 from apr_ray.countdown.problems import Problem
@@ -30,6 +30,9 @@ from apr_ray.grpo import prepare_sequences
 from apr_ray.rewards import score_tree
 from apr_ray.sft import stop_on_interrupt
 from apr_ray.types import TreeRecord
+
+if TYPE_CHECKING:
+    from apr_ray.pool import GeneratorPool
 
 PHASES = ("problems", "rollout", "score", "train", "sync")
 
@@ -79,12 +82,13 @@ def rollout_metrics(trees: list[TreeRecord], rewards: list[float], learner_versi
 
 
 class GRPOTrainer:
-    """Owns the pool, the learner group and the loop; metrics go to `log(metrics, step)`."""
+    """Owns the learner group and the loop; rolls out on the given pool; metrics go to `log(metrics, step)`."""
 
     def __init__(
         self,
         cfg: RunConfig,
         model_dir: str,
+        pool: GeneratorPool,
         *,
         problems_dir: Any,
         checkpoint_dir: Any,
@@ -93,11 +97,8 @@ class GRPOTrainer:
         on_eval: Callable[[int, EvalResult], None] | None = None,
         progress: bool = True,
     ) -> None:
-        import ray
-
+        """`pool` serves the weights in `model_dir` (the caller owns it and shuts it down)."""
         from apr_ray.learner.actor import LearnerGroup
-        from apr_ray.pool import GeneratorPool
-        from apr_ray.rollout.generator import GeneratorConfig
         from apr_ray.weight_sync import ObjectStoreTransport
 
         self.cfg, self.log, self.on_eval, self.progress = cfg, log, on_eval, progress
@@ -107,16 +108,8 @@ class GRPOTrainer:
         res = cfg.learners
         self.learner = LearnerGroup(cfg.grpo.learner, model_dir, num_learners=res.num_learners,
                                     num_cpus_per_learner=res.cpus_per_learner, num_gpus_per_learner=res.gpus_per_learner)
-        gen_cfg = GeneratorConfig(
-            engine=cfg.rollout.engine.model_copy(update={"model": str(model_dir)}),
-            backend=cfg.rollout.backend,
-            runtime=cfg.rollout.runtime,
-            protocol=cfg.protocol,
-            max_concurrent_trees=cfg.rollout.pool.max_concurrent_trees,
-        )
-        self.pool = GeneratorPool(gen_cfg, cfg.rollout.pool)
-        self.version = 0  # learner updates applied; the pool serves the same version between steps
-        self._ray = ray
+        self.pool = pool
+        self.version = pool.version  # the pool serves this version between steps; each update adds one
 
     # ------------------------------------------------------------------ evaluation
 
@@ -224,5 +217,4 @@ class GRPOTrainer:
         return self.learner.export_hf(out_dir)
 
     def shutdown(self) -> None:
-        self.pool.shutdown()
         self.learner.shutdown()
