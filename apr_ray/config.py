@@ -52,11 +52,11 @@ class SFTConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(400, ge=0, description="optimizer steps; 0 skips SFT (GRPO then starts from the initial model)")
+    steps: int = Field(600, ge=0, description="optimizer steps; 0 skips SFT (GRPO then starts from the initial model)")
     batch_sequences: int = Field(16, ge=1, description="thread sequences per optimizer step")
     shuffle_buffer: int = Field(4096, ge=0, description="sequences held for shuffling the stream; <= 1 keeps file order")
     learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(lr=2e-3, warmup_steps=20, weight_decay=0.01))
-    eval_every: int = Field(200, ge=0, description="evaluate on the validation split every this many steps; 0: at the end only")
+    eval_every: int = Field(300, ge=0, description="evaluate on the validation split every this many steps; 0: at the end only")
     checkpoint_every: int = Field(0, ge=0, description="DeepSpeed checkpoint every this many steps; 0: at the end only")
     log_every: int = Field(10, ge=1, description="metrics to MLflow every this many steps")
     max_minutes: float | None = Field(None, gt=0.0, description="stop after this many minutes even if steps remain")
@@ -104,7 +104,7 @@ class GRPOStageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(4, ge=0, description="rollout + update steps; 0 skips GRPO")
+    steps: int = Field(6, ge=0, description="rollout + update steps; 0 skips GRPO")
     problems_per_step: int = Field(8, ge=1, description="train problems per step, each sampled group_size times")
     algorithm: GRPOConfig = Field(default_factory=lambda: GRPOConfig(group_size=4, inner_steps=1, kl_coef=0.0))
     reward: RewardConfig = Field(default_factory=RewardConfig)
