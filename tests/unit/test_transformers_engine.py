@@ -1,7 +1,9 @@
-"""The transformers engine: concurrent requests decoded as one left-padded batch with a KV cache; greedy
-output equal to `model.generate` on each prompt alone; sampler logprobs equal to a full forward pass;
-seeded sampling reproducible, top-k / top-p edge cases; EOS, max_new_tokens and ignore_eos; cancelling one
-request leaves the others alone; and whole thread trees on a tiny random model."""
+"""The transformers engine: concurrent requests prefilled together and decoded with a KV cache; greedy
+output equal to `model.generate` on each prompt alone, also when rows end at different steps (EOS,
+max_new_tokens), leave the batch and others join it (continuous batching); sampler logprobs equal to a
+full forward pass; seeded sampling reproducible and independent of batching, top-k / top-p edge cases; EOS,
+max_new_tokens and ignore_eos; cancelling one request leaves the others alone, and an event loop closing
+early leaves the engine usable; whole thread trees on a tiny random model."""
 
 import asyncio
 
@@ -45,18 +47,97 @@ def generate_all(engine, requests):
     return asyncio.run(go())
 
 
+def reference(model, tok, prompt, max_new_tokens, eos_token_id):
+    """`model.generate` on the prompt alone, greedy: the output ids."""
+    ref = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos_token_id, pad_token_id=tok.pad_token_id,
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return ref[0, len(prompt):].tolist()
+
+
 def test_greedy_batch_equals_generate_on_each_prompt_alone(tok, model):
     engine = TransformersEngine(model, eos_token_id=tok.eos_token_id)
     ps = prompts(tok)
     results = generate_all(engine, [(p, 20, GREEDY) for p in ps])
-    assert engine.batch_sizes == [3]  # one batch for the three concurrent requests
+    assert engine.batch_sizes == [3]  # one prefill for the three concurrent requests
     for p, result in zip(ps, results):
-        ref = model.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, attention_mask=torch.ones(1, len(p), dtype=torch.long))
-        ref_ids = ref[0, len(p):].tolist()
+        ref_ids = reference(model, tok, p, 20, tok.eos_token_id)
         assert result.output_ids == ref_ids
         assert result.finish_reason == ("eos" if ref_ids[-1] == tok.eos_token_id else "length")
         assert len(result.logprobs) == len(result.output_ids)
+
+
+MORE_TEXTS = ["Goal Reached\n", "Exploring Operation: 53-31=22, Resulting Numbers: [22, 26, 22]\n"]
+
+
+@pytest.fixture(scope="module")
+def five_free(tok, model):
+    """Five prompts and their 40-token greedy outputs from `model.generate` alone (the model never ends
+    on its own within 40 tokens)."""
+    codec = TextCodec(tok)
+    ps = prompts(tok) + [[tok.bos_token_id, *codec.encode(t)] for t in MORE_TEXTS]
+    free = [reference(model, tok, p, 40, tok.eos_token_id) for p in ps]
+    assert all(len(f) == 40 for f in free)
+    return ps, free
+
+
+@pytest.mark.parametrize("max_batch_size", [64, 2])
+def test_rows_ending_at_different_steps_equal_generate_alone(tok, model, five_free, max_batch_size):
+    """Five rows with different max_new_tokens and an EOS id that the model emits at different steps in
+    different rows: some end by EOS, some by length, each at its own step. With max_batch_size=2 rows
+    leave and waiting requests join the running batch; outputs must not change."""
+    ps, free = five_free
+    # the EOS id: a token the free outputs hold at the most distinct first steps
+    firsts = {t: {f.index(t) for f in free if t in f} for t in {t for f in free for t in f}}
+    eos = min(firsts, key=lambda t: (-len(firsts[t]), t))
+    limits = [40, 30, 6, 25, 20]
+    engine = TransformersEngine(model, eos_token_id=eos, max_batch_size=max_batch_size)
+    results = generate_all(engine, [(p, m, GREEDY) for p, m in zip(ps, limits)])
+    for result, f, limit in zip(results, free, limits):
+        # greedy decoding with this EOS id is the free output cut after its first EOS, then at the limit
+        ref_ids = f[: f.index(eos) + 1] if eos in f else f
+        ref_ids = ref_ids[:limit]
+        assert result.output_ids == ref_ids
+        assert result.finish_reason == ("eos" if ref_ids[-1] == eos else "length")
+        assert len(result.logprobs) == len(result.output_ids)
+    eos_steps = {len(r.output_ids) for r in results if r.finish_reason == "eos"}
+    assert len(eos_steps) >= 2 and any(r.finish_reason == "length" for r in results)  # the case is really mixed
+    if max_batch_size == 2:
+        assert engine.batch_sizes[0] == 2 and sum(engine.batch_sizes) == 5 and len(engine.batch_sizes) >= 3
+
+
+def test_a_request_arriving_while_a_batch_runs_joins_it(tok, model):
+    """A request sent while another decodes joins the running batch at the next step and ends long before
+    it (static batching would have it wait for the whole batch). Its prompt is longer than the running
+    row's cache so far, and the running row outgrows its first cache buffer: both outputs stay exact."""
+    engine = TransformersEngine(model, eos_token_id=tok.eos_token_id)
+    first_prompt, second_prompt = prompts(tok)[0], prompts(tok)[2]
+
+    async def scenario():
+        first = asyncio.create_task(engine.generate(first_prompt, 100, GREEDY))
+        while engine.decode_steps < 5:
+            await asyncio.sleep(0.001)
+        second = await engine.generate(second_prompt, 12, GREEDY)
+        return second, first.done(), await first
+
+    second, first_done_then, first = asyncio.run(scenario())
+    assert not first_done_then
+    assert engine.batch_sizes == [1, 1]  # two prefills: the second request joined, it did not wait
+    assert engine.decode_steps == 100 - 1  # one decode step per token after the first, shared by both rows
+    assert first.output_ids == reference(model, tok, first_prompt, 100, tok.eos_token_id)
+    assert second.output_ids == reference(model, tok, second_prompt, 12, tok.eos_token_id)
+    assert len(first.output_ids) == 100 and len(second.output_ids) == 12
+
+
+def test_a_seeded_request_samples_the_same_alone_or_batched(tok, model):
+    engine = TransformersEngine(model, eos_token_id=tok.eos_token_id, max_batch_size=2)
+    ps = prompts(tok)
+    seeded = SamplingConfig(temperature=1.0, seed=9)
+    (alone,) = generate_all(engine, [(ps[1], 30, seeded)])
+    others = [(ps[0], 7, SamplingConfig(temperature=1.0, seed=1)), (ps[2], 3, GREEDY)]
+    batched = generate_all(engine, [*others, (ps[1], 30, seeded)])[-1]  # joins when a row leaves
+    assert batched.output_ids == alone.output_ids
+    assert max(abs(a - b) for a, b in zip(batched.logprobs, alone.logprobs)) < 1e-4
 
 
 def full_forward_logprobs(model, prompt, output):
@@ -136,6 +217,22 @@ def test_cancelling_one_request_leaves_the_others(tok, model):
 
     result = asyncio.run(scenario())
     assert len(result.output_ids) == 120 and engine.batch_sizes == [2]
+
+
+def test_an_event_loop_closing_early_leaves_the_engine_usable(tok, model):
+    """A loop that closes while the engine waits to start (its request and waiting task cancelled) must not
+    leave it believing a decoding thread runs: the next loop's request is served."""
+    engine = TransformersEngine(model, eos_token_id=tok.eos_token_id, max_wait_s=0.05)
+    p = prompts(tok)[0]
+
+    async def abandon():
+        asyncio.get_running_loop().create_task(engine.generate(p, 5, GREEDY))
+        await asyncio.sleep(0)  # the request is queued; the engine waits max_wait_s before starting
+
+    asyncio.run(abandon())
+    result = asyncio.run(asyncio.wait_for(engine.generate(p, 5, GREEDY), timeout=20))
+    assert result.output_ids == reference(model, tok, p, 5, tok.eos_token_id)
+    assert engine.batch_sizes == [1]  # the abandoned request was dropped, never decoded
 
 
 def test_requests_beyond_the_models_positions_are_refused(tok, model):
