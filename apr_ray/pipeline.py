@@ -232,11 +232,7 @@ class Pipeline:
         self.report.stage_s["sft"] = time.perf_counter() - start
         tracker.log_metrics({"sft/wall_s": result.wall_s, "sft/train_s": result.train_s, "sft/eval_s": result.eval_s},
                             result.steps)
-        if result.interrupted:
-            tracker.end("KILLED")
-            raise Interrupted(f"SFT stopped at step {result.steps}; checkpoint in {self.ws.checkpoints('sft')}")
-        tracker.end()
-        return out
+        return self._end_stage(tracker, "sft", result, out)
 
     def grpo(self, model_dir: Path) -> Path:
         from apr_ray.trainer import GRPOTrainer
@@ -268,9 +264,14 @@ class Pipeline:
             trainer.shutdown()
         self.report.stage_s["grpo"] = time.perf_counter() - start
         self.report.phase_s = result.phase_s
+        return self._end_stage(tracker, "grpo", result, out)
+
+    def _end_stage(self, tracker: Any, stage: str, result: Any, out: Path) -> Path:
+        """Close the stage's run; an interrupted stage stops the job (its checkpoint is written)."""
         if result.interrupted:
             tracker.end("KILLED")
-            raise Interrupted(f"GRPO stopped at step {result.steps}; checkpoint in {self.ws.checkpoints('grpo')}")
+            raise Interrupted(f"{stage.upper()} stopped at step {result.steps}; checkpoint in "
+                              f"{self.ws.checkpoints(stage)}")
         tracker.end()
         return out
 
