@@ -104,7 +104,9 @@ def run_sft(
     t0 = time.perf_counter()
     result = SFTResult(steps=start_step, tokens=0, wall_s=0.0, train_s=0.0, eval_s=0.0)
     window: list[dict[str, float]] = []
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="sft", unit="step", disable=not progress, dynamic_ncols=True)
+    # disable=None: bars on a terminal only, so logs do not fill with carriage-return updates
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="sft", unit="step", disable=None if progress else True,
+               dynamic_ncols=True)
     with stop_on_interrupt("sft") as stop_requested:
         try:
             for step in range(start_step + 1, cfg.steps + 1):

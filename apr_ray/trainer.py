@@ -130,7 +130,7 @@ class GRPOTrainer:
         result = GRPOResult()
         t0 = time.perf_counter()
         problems = problem_stream(self.problems_dir, g.problems_per_step, self.cfg.seed)
-        bar = tqdm(total=g.steps, desc="grpo", unit="step", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=g.steps, desc="grpo", unit="step", disable=None if self.progress else True, dynamic_ncols=True)
         with stop_on_interrupt("grpo") as stop_requested:
             try:
                 for step in range(1, g.steps + 1):
