@@ -203,6 +203,10 @@ class GRPOTrainer:
             "grpo/sequences": float(len(seqs)),
             "grpo/step_s": step_s,
         }
+        # Per generator actor: trees served this step and its last weight reload (from the actor itself).
+        out |= {f"grpo/generator{aid}_trees": float(n) for aid, n in stats.per_actor_trees.items()}
+        reloads = [a["last_reload_s"] for a in self.pool.stats()]
+        out["grpo/reload_s_max"] = max(reloads, default=0.0)
         out |= {f"grpo/time_{k}_s": v for k, v in times.items()}
         out |= {f"grpo/share_{k}": v / step_s for k, v in times.items() if step_s > 0}
         self.log(out, step)
