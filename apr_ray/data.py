@@ -441,6 +441,12 @@ def _demos_batch(batch: pa.Table, config: DemosConfig, encoder: TextEncoder) -> 
 # --- summaries from files (pure, streaming) ------------------------------------------------------
 
 
+def has_parquet(directory: str | Path) -> bool:
+    """Whether a dataset directory holds any Parquet file (a stage wrote it)."""
+    directory = Path(directory)
+    return directory.is_dir() and any(directory.rglob("*.parquet"))
+
+
 def parquet_files(path: str | Path) -> list[Path]:
     """The Parquet files of a dataset (a directory, searched recursively, or one file), sorted."""
     path = Path(path)

@@ -19,6 +19,7 @@ from typing import Any
 
 from apr_ray.config import ConfigError, RunConfig, dump_config
 from apr_ray.evaluation import LADDER_KEYS, EvalResult, Evaluator
+from apr_ray.data import has_parquet
 from apr_ray.workspace import Workspace, ensure_init_model
 
 STAGES = ("data", "sft", "grpo", "eval")
@@ -45,10 +46,6 @@ def ray_init(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
 
 
-def _has_parquet(directory: Path) -> bool:
-    return directory.is_dir() and any(directory.rglob("*.parquet"))
-
-
 def _data_settings(cfg: RunConfig) -> dict:
     return {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json")}
 
@@ -58,7 +55,7 @@ def check_data_settings(cfg: RunConfig, ws: Workspace) -> None:
     import yaml
 
     root, record = ws.root / "data", ws.root / "data" / "config.yaml"
-    if _has_parquet(ws.problems) or _has_parquet(ws.demos(cfg.data.demos.kind)):
+    if has_parquet(ws.problems) or has_parquet(ws.demos(cfg.data.demos.kind)):
         previous = yaml.safe_load(record.read_text()) if record.is_file() else None
         if previous != _data_settings(cfg):
             raise ConfigError(
@@ -81,14 +78,14 @@ def data_stage(cfg: RunConfig, ws: Workspace, progress: bool = True) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(yaml.safe_dump(_data_settings(cfg), sort_keys=False))
     ray_init()
-    if not _has_parquet(ws.problems):
+    if not has_parquet(ws.problems):
         summary = data.generate_problem_data(ws.problems, cfg.data.split_sizes(), seed=cfg.seed,
                                              problem=cfg.data.problems, workers=cfg.data.num_workers,
                                              progress=progress)
         print(summary.report())
     else:
         print(f"problems: reusing {ws.problems} ({data.count_problems(ws.problems)})")
-    if not _has_parquet(demos_dir):
+    if not has_parquet(demos_dir):
         summary = data.generate_demos(ws.problems, demos_dir, split="train", config=cfg.data.demos,
                                       tokenizer=build_tokenizer(), workers=cfg.data.num_workers, progress=progress)
         print(summary.report())
@@ -102,7 +99,7 @@ def make_evaluator(cfg: RunConfig, ws: Workspace, split: str | None = None) -> E
     from apr_ray.tokenizer import build_tokenizer
 
     split = split or cfg.eval.split
-    if not _has_parquet(ws.problems):
+    if not has_parquet(ws.problems):
         raise FileNotFoundError(f"{ws.problems}: no problems dataset (run `apr-ray run`, or the data stage, first)")
     problems = read_problems(ws.problems, split)[: cfg.eval.problems]
     return Evaluator(problems, build_tokenizer(), cfg.protocol, cfg.rollout.runtime, cfg.eval.sampling,
@@ -193,7 +190,7 @@ class Pipeline:
 
         cfg = self.cfg
         demos = self.ws.demos(cfg.data.demos.kind)
-        if not _has_parquet(demos):
+        if not has_parquet(demos):
             raise FileNotFoundError(f"{demos}: no demonstrations (run the data stage first: `apr-ray run`)")
         tracker = self.tracker.child("sft")
         log = self._logger(tracker, "sft")

@@ -20,11 +20,8 @@ import time
 from pathlib import Path
 
 from apr_ray.config import ConfigError, RunConfig, dump_config, load_config
+from apr_ray.data import has_parquet
 from apr_ray.workspace import Workspace, ensure_init_model
-
-
-def _has_parquet(directory: Path) -> bool:
-    return directory.is_dir() and any(directory.rglob("*.parquet"))
 
 
 def local_data(cfg: RunConfig, ws: Workspace, workers: int) -> Path:
@@ -32,12 +29,12 @@ def local_data(cfg: RunConfig, ws: Workspace, workers: int) -> Path:
     from apr_ray import data
     from apr_ray.tokenizer import build_tokenizer
 
-    if not _has_parquet(ws.problems):
+    if not has_parquet(ws.problems):
         summary = data.generate_problem_data_local(ws.problems, cfg.data.split_sizes(), seed=cfg.seed,
                                                    problem=cfg.data.problems, workers=workers, overwrite=True)
         print(summary.report(), flush=True)
     demos = ws.demos(cfg.data.demos.kind)
-    if not _has_parquet(demos):
+    if not has_parquet(demos):
         summary = data.generate_demos_local(ws.problems, demos, split="train", config=cfg.data.demos,
                                             tokenizer=build_tokenizer(), workers=workers, overwrite=True)
         print(summary.report(), flush=True)
