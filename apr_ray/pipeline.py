@@ -310,7 +310,7 @@ class Pipeline:
         print(f"[test] {result.line()}", flush=True)
         return result
 
-    def eval(self, model_dir: Path) -> EvalResult:
+    def evaluate_model_dir(self, model_dir: Path) -> EvalResult:
         """Evaluate `model_dir` on the test split."""
         make_evaluator(self.cfg, self.ws, split="test")  # a missing dataset fails before any engine starts
         if self._pool_future is None:
@@ -334,7 +334,7 @@ class Pipeline:
             if "grpo" in stages and self.cfg.grpo.steps > 0:
                 model = self.grpo(model)
             elif "eval" in stages:
-                self.eval(model)
+                self.evaluate_model_dir(model)
             self.report.model_dir = str(model)
             if model != self.ws.init_model:
                 self.tracker.log_model_dir(Path(model), "model")

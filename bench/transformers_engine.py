@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import random
 import threading
 import time
@@ -221,19 +220,10 @@ def profile(engine: ContinuousEngine, data: dict, names: list[str], device: torc
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     import transformers
+    from learner import machine as base_machine  # bench/ is on sys.path when run as a script
 
-    return (f"{os.cpu_count()} cores, {model}{gpu}, torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, Python {platform.python_version()}; torch threads {torch.get_num_threads()}")
+    return f"{base_machine()}, transformers {transformers.__version__}; torch threads {torch.get_num_threads()}"
 
 
 def main(argv: list[str] | None = None) -> None:
