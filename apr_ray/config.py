@@ -168,6 +168,23 @@ class RunConfig(BaseModel):
         if self.eval.problems > split_size:
             raise ValueError(f"eval.problems ({self.eval.problems}) exceeds the {self.eval.split} split "
                              f"(data.{self.eval.split}_problems = {split_size})")
+        if self.grpo.steps > 0:
+            # The rollouts record vLLM's raw logprobs (the unmodified distribution) and grpo.policy_loss takes
+            # its ratio against them, so the tokens must be drawn from that same distribution. A warped sampler
+            # would make every ratio off-policy by an amount nothing corrects for.
+            off = SamplingConfig()
+            sampling = self.rollout.runtime.sampling
+            warped = [f"rollout.runtime.sampling.{key}={getattr(sampling, key)}"
+                      for key in ("temperature", "top_p", "top_k") if getattr(sampling, key) != getattr(off, key)]
+            if warped:
+                raise ValueError(f"{', '.join(warped)}: GRPO's ratio uses the sampler's raw logprobs, which are those "
+                                 f"of temperature {off.temperature:g} with no top_p/top_k, so training rollouts "
+                                 f"must sample that way (temperature={off.temperature:g}, top_p={off.top_p:g}, "
+                                 f"top_k={off.top_k}); set eval.sampling to change how evaluation samples, "
+                                 "or grpo.steps=0")
+        for stage in (self.sft, self.grpo):  # a decay spans its stage unless told otherwise
+            if stage.learner.lr_schedule != "constant" and stage.learner.decay_steps == 0:
+                stage.learner.decay_steps = max(stage.steps, stage.learner.warmup_steps + 1)
         if self.grpo.algorithm.kl_coef > 0 and not self.grpo.learner.reference_model:
             self.grpo.learner.reference_model = True  # the KL term needs the frozen reference
         return self

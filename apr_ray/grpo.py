@@ -9,10 +9,14 @@ Conventions
   predict token t) happens once, in `token_logprobs`; position 0 is never scored.
 - Only output tokens (what the sampler chose) are trained. Prompts, child prompts and the
   runtime-written join blocks (part of a continuation's prompt) and padding have loss_mask 0.
-- Policy-loss normalisation, as in TinyRL (shared/research/apr.md §5): per sequence a masked mean over
-  its output tokens, times its weight (1 / sequences kept from its tree), summed, divided by the number
-  of trees in the whole batch. Every tree counts equally whatever its thread count, and the losses of
-  the micro-batches of one batch add up to the full-batch loss.
+- Policy-loss normalisation (`GRPOConfig.loss_norm`), divided by the number of trees in the whole batch
+  either way, so the losses of the micro-batches of one batch add up to the full-batch loss:
+  - tree_mean, as in TinyRL (shared/research/apr.md §5): per sequence a masked mean over its output
+    tokens, times its weight (1 / sequences kept from its tree). Every tree counts equally whatever its
+    length, which is the known GRPO length bias: a token of a long wrong thread, or of a wrong tree with
+    many threads, is pushed down less than one of a short one, so negative advantages favour longer trees.
+  - constant (Dr. GRPO): every output token of the tree summed, divided by a constant; each token of a
+    wrong tree is pushed down equally hard, whatever the length or thread count of its tree.
 
 Departures from TinyRL
 - The ratio is taken against the sampler's own logprobs (TinyRL recomputes "old" logprobs with the
@@ -316,7 +320,10 @@ def policy_loss(
         kl = torch.exp(d) - d - 1.0  # k3 estimator of KL(policy || reference), >= 0
         if cfg.kl_coef > 0:
             per_token = per_token + cfg.kl_coef * kl
-    seq_loss = (per_token * mask * mb.weights).sum(-1) / mask.sum(-1).clamp(min=1)
+    if cfg.loss_norm == "tree_mean":
+        seq_loss = (per_token * mask * mb.weights).sum(-1) / mask.sum(-1).clamp(min=1)
+    else:
+        seq_loss = (per_token * mask).sum(-1) / cfg.loss_norm_tokens
     loss = seq_loss.sum() / mb.num_trees
 
     with torch.no_grad():

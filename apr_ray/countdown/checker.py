@@ -4,6 +4,8 @@ Replays the answer path's operations on the multiset of the problem's numbers: e
 available (and is consumed), the arithmetic must be right, division exact, no negative intermediates,
 the stated resulting numbers must match, and the last state must be exactly [target] (so every number
 was used once). This is APR's `check_solution`, with the reference SoS checker's number-reuse bug fixed.
+A trace whose join blocks show a spawn the protocol refuses (a child at the trace's own start node, or
+two at one node) is rejected before its path is read.
 
 Model output is untrusted: nothing is evaluated, work is linear in the input and capped.
 """
@@ -52,6 +54,9 @@ def check_trace(target: int, nums: list[int] | tuple[int, ...], trace: str) -> C
         return _reject(f"trace is {type(trace).__name__}, not str")
     if len(trace) > MAX_INPUT_CHARS:
         return _reject(f"input too long: {len(trace)} characters > {MAX_INPUT_CHARS}")
+    join_error = _join_error(trace)
+    if join_error:
+        return _reject(f"malformed spawn: {join_error}")
     path = T.answer_path(trace)
     if path is None:
         return _reject("no goal reached: the trace has fewer than two goal lines")
@@ -113,6 +118,35 @@ def check_path(target: int, nums: list[int] | tuple[int, ...], path: str) -> Che
             return _reject(f"numbers left unused: {left} (every number must be used once)", ops)
         return _reject(f"final value {left} is not the target {target}", ops)
     return CheckResult(True, "ok", ops)
+
+
+def _join_error(trace: str) -> str | None:
+    """Why the trace's join blocks show a spawn the protocol refuses (`AprProtocol.find_spawn`), if so: a
+    child at the trace's own start node, or two children at one node. Such a join carries a child's whole
+    solution into the root's text, where it would pass as the root's answer. The runtime never writes such
+    a join; the check is here because the reward trusts only the checker, whoever wrote the trace.
+
+    Linear in len(trace): join blocks are found by substring search and never overlap.
+    """
+    pos = trace.find(T.JOIN_OPEN)
+    own = T.start_node(trace) if pos >= 0 else None
+    while pos >= 0:
+        end = trace.find(T.JOIN_CLOSE, pos)
+        block = trace[pos + len(T.JOIN_OPEN) : end if end >= 0 else len(trace)]
+        seen: set[str] = set()
+        for raw in block.split("\n"):
+            line = raw.strip()
+            m = T.JOIN_GOAL_RE.match(line) or T.JOIN_NO_SOLUTION_RE.match(line)
+            if not m:
+                continue
+            node_id = m[3]
+            if node_id == own:
+                return f"a join block names node #{node_id}, the trace's own start node"
+            if node_id in seen:
+                return f"a join block names node #{node_id} twice"
+            seen.add(node_id)
+        pos = trace.find(T.JOIN_OPEN, end) if end >= 0 else -1
+    return None
 
 
 def _problem_error(target: int, nums: list[int] | tuple[int, ...]) -> str | None:

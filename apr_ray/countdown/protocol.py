@@ -136,6 +136,10 @@ class AprProtocol(ThreadProtocol):
             raise ProtocolError(f"spawn block longer than {MAX_SPAWN_LINES} lines")
         prefix = context[:start]
         states = node_states(prefix)
+        # A child at the thread's own start node, or two children at one node, hands back a search the
+        # thread never did: its join would carry a whole solution for a handful of the thread's own tokens.
+        own = T.start_node(prefix)
+        named: set[str] = set()
         requested: list[tuple[int, str]] = []
         for line in block_lines:
             if not line.strip():
@@ -148,6 +152,11 @@ class AprProtocol(ThreadProtocol):
                 raise ProtocolError(f"spawn line {line[:80]!r}: expected sub search {len(requested)}")
             if level != depth + 1:
                 raise ProtocolError(f"spawn line {line[:80]!r}: level {level}, expected {depth + 1}")
+            if node_id == own:
+                raise ProtocolError(f"spawn names node #{node_id}, the thread's own start node")
+            if node_id in named:
+                raise ProtocolError(f"spawn names node #{node_id} twice")
+            named.add(node_id)
             requested.append((index, node_id))
         if not requested:
             raise ProtocolError("spawn block names no children")

@@ -79,7 +79,9 @@ _OP = rf"({_NUM})([+\-*/])({_NUM})=({_NUM})"
 _OPS_LIST = rf"\[((?:'{_NUM}[+\-*/]{_NUM}={_NUM}'(?:, '{_NUM}[+\-*/]{_NUM}={_NUM}'){{0,{MAX_LIST_LEN - 1}}})?)\]"
 
 STATE_RE = re.compile(rf"^(?:.*?)Current State: ({_NUM}):{_NUM_LIST}, Operations: {_OPS_LIST}$")
-MOVING_RE = re.compile(rf"^(?:.*?)Moving to Node #({_NODE_ID})$")
+MOVING_MARK = "Moving to Node #"
+MOVING_RE = re.compile(rf"^(?:.*?){MOVING_MARK}({_NODE_ID})$")
+_NODE_ID_RE = re.compile(_NODE_ID)
 EXPLORING_RE = re.compile(rf"^Exploring Operation: {_OP}, Resulting Numbers: {_NUM_LIST}$")
 GENERATED_RE = re.compile(rf"^Generated Node #({_NODE_ID}): ({_NUM}):{_NUM_LIST} Operation: {_OP}$")
 GOAL_RE = re.compile(rf"^({_NUM}),({_NUM}) equal: Goal Reached$")
@@ -103,6 +105,20 @@ def parse_nums(body: str) -> list[int]:
 
 def parse_ops(body: str) -> list[str]:
     return [x.strip("'") for x in body.split(", ")] if body else []
+
+
+def start_node(text: str) -> str | None:
+    """The node an APR thread starts from: the node of the text's first `Moving to Node #` line, which is
+    its prompt's (a root prompt's may follow a condition prefix). None when that line names no node id.
+
+    Linear in len(text): one search, one bounded match.
+    """
+    at = text.find(MOVING_MARK)
+    if at < 0:
+        return None
+    end = text.find("\n", at)
+    m = _NODE_ID_RE.fullmatch(text, at + len(MOVING_MARK), end if end >= 0 else len(text))
+    return m.group(0) if m else None
 
 
 def parent_node_id(node_id: str) -> str | None:

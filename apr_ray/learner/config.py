@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +18,14 @@ class LearnerConfig(BaseModel):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW (beta1, beta2)")
     adam_eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up over this many optimizer steps; 0: none")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="after warm-up: constant, or decaying to min_lr_ratio * lr over decay_steps"
+    )
+    decay_steps: int = Field(
+        0, ge=0, description="optimizer steps (warm-up included) at whose end the decay reaches min_lr_ratio;"
+        " 0: the stage's steps (sft.steps / grpo.steps)"
+    )
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="the decayed learning rate, as a share of lr")
     grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this; 0 disables")
     micro_batch_tokens: int = Field(
         8192, ge=1, description="padded tokens (rows x longest row) per micro-batch, SFT and GRPO alike"
@@ -36,6 +45,22 @@ class LearnerConfig(BaseModel):
     dist_timeout_s: int = Field(1800, ge=1, description="timeout of collective operations")
 
 
+    def lr_multiplier(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based) as a share of `lr`.
+
+        Warm-up is linear and never gives a zero step; a decay must know its length (`decay_steps`)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return 1.0
+        if self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} needs decay_steps > warmup_steps "
+                             f"({self.warmup_steps}), got {self.decay_steps}")
+        progress = min(1.0, (step - self.warmup_steps) / (self.decay_steps - self.warmup_steps))
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.lr_schedule == "cosine" else 1.0 - progress
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
+
+
 class GRPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -52,6 +77,14 @@ class GRPOConfig(BaseModel):
     )
     kl_coef: float = Field(
         0.001, ge=0.0, description="k3 KL to a frozen reference; 0 disables it and no reference is needed"
+    )
+    loss_norm: Literal["tree_mean", "constant"] = Field(
+        "tree_mean",
+        description="tree_mean: each sequence's token mean, weighted 1/threads of its tree (TinyRL); constant:"
+        " every output token of a tree summed, divided by loss_norm_tokens (Dr. GRPO: no length bias)",
+    )
+    loss_norm_tokens: int = Field(
+        1024, ge=1, description="the constant divisor of loss_norm=constant (the rollout's max_tokens is natural)"
     )
     inner_steps: int = Field(2, ge=1, description="optimizer steps per rollout batch, each a full pass")
     drop_zero_adv_groups: bool = Field(

@@ -148,16 +148,6 @@ def deepspeed_config(cfg: LearnerConfig, bf16: bool, clip_in_deepspeed: bool) ->
             },
         },
     }
-    if cfg.warmup_steps > 0:
-        ds["scheduler"] = {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": cfg.lr,
-                "warmup_num_steps": cfg.warmup_steps,
-                "warmup_type": "linear",
-            },
-        }
     return ds
 
 
@@ -209,11 +199,17 @@ class Learner:
         # gradient norm: there the optimizer pre-step hook below clips and records the norm instead.
         self._clip_in_hook = cfg.zero_stage == 0 and not self.bf16
         self._hook_grad_norm: float | None = None
+        self._step_lr = cfg.lr
         ds_cfg = deepspeed_config(cfg, self.bf16, clip_in_deepspeed=not self._clip_in_hook)
         model = self._load_model()
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+        scheduler = None
+        if cfg.warmup_steps > 0 or cfg.lr_schedule != "constant":
+            cfg.lr_multiplier(cfg.decay_steps)  # a schedule without a length fails here, not mid-run
+            scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_multiplier)  # noqa: E731
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
+                                               lr_scheduler=scheduler)
         if self._clip_in_hook:
             self.engine.optimizer.register_step_pre_hook(self._clip_and_record_norm)
 
@@ -360,6 +356,7 @@ class Learner:
                 for k, v in metrics.items():  # token means -> token-weighted sums
                     sums[k] = sums.get(k, 0.0) + v * tokens
         self._hook_grad_norm = None
+        self._step_lr = float(self.engine.get_lr()[0])  # the lr this step uses; step() moves the schedule on
         self.engine.step()
         return sums
 
@@ -415,7 +412,7 @@ class Learner:
     def _finish(self, out: dict[str, float], t0: float, micro_batches: int) -> dict[str, float]:
         wall = time.perf_counter() - t0
         out |= {
-            "lr": float(self.engine.get_lr()[0]),
+            "lr": self._step_lr,
             "step": float(self.step),
             "micro_batches": float(micro_batches),
             "step_s": wall,

@@ -143,6 +143,65 @@ def test_text_after_the_last_goal_line_is_ignored():
     assert check_trace(TARGET, NUMS, trace(VALID_PATH) + "Moving to Node #9\nblah").ok
 
 
+# --- join blocks: a spawn the protocol refuses is refused here too ---------------------------------
+
+ROOT_PROMPT = "Moving to Node #0\nCurrent State: 27:[22, 26, 31, 53], Operations: []\n"
+EXPAND = (
+    "Exploring Operation: 53-22=31, Resulting Numbers: [26, 31, 31]\n"
+    "Generated Node #0,0: 27:[26, 31, 31] Operation: 53-22=31\n"
+    "Exploring Operation: 53-31=22, Resulting Numbers: [22, 26, 22]\n"
+    "Generated Node #0,1: 27:[22, 26, 22] Operation: 53-31=22\n"
+)
+CHILD_1_PATH = VALID_PATH[VALID_PATH.index("Moving to Node #0,1\n"):]
+
+
+def joined(*results: tuple[str, str, str]) -> str:
+    """A runtime-written join block: (kind, node id, child answer path) per child, in spawn order."""
+    lines = ["<Sub Searches>\n"]
+    for i, (kind, node_id, path) in enumerate(results):
+        lines.append(f"<{kind} in Sub Search {i} at level 1 at Node #{node_id}>\n" + path)
+    return "".join(lines) + "<End Sub Searches>\n"
+
+
+# the reference example: child 1 (at #0,1) finds the goal, the root commits to it with its own path
+LEGIT = ROOT_PROMPT + EXPAND + joined(("No Solution", "0,0", ""), ("Goal Reached", "0,1", CHILD_1_PATH)) + (
+    "27,27 equal: Goal Reached\n" + VALID_PATH
+)
+# two children at the root's own node #0 whose answers, side by side, form a valid summary path: without
+# the join check this passes with no search of the root's own
+GAMED = ROOT_PROMPT + joined(("Goal Reached", "0", VALID_PATH), ("Goal Reached", "0", VALID_PATH))
+
+
+def test_a_legitimate_join_passes():
+    assert check_trace(TARGET, NUMS, LEGIT).ok
+    assert check_trace(TARGET, NUMS, "Sub Call Budget: 4 " + LEGIT).ok
+    # a later spawn may name a node of an earlier one: each join block is checked on its own
+    again = ROOT_PROMPT + EXPAND + joined(("No Solution", "0,1", "")) + joined(("Goal Reached", "0,1", CHILD_1_PATH))
+    assert check_trace(TARGET, NUMS, again + "27,27 equal: Goal Reached\n" + VALID_PATH).ok
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "words"),
+    named(
+        ("children at the root's own node", GAMED, "node #0, the trace's own start node"),
+        ("budget-prefixed root", "Sub Call Budget: 4 " + GAMED, "node #0, the trace's own start node"),
+        ("one child at the root's own node", ROOT_PROMPT + EXPAND + joined(("No Solution", "0", ""))
+         + "27,27 equal: Goal Reached\n" + VALID_PATH, "node #0, the trace's own start node"),
+        ("a child thread at its own node", CHILD_1_PATH[:CHILD_1_PATH.index("Exploring")]
+         + joined(("Goal Reached", "0,1", CHILD_1_PATH)) + "27,27 equal: Goal Reached\n" + CHILD_1_PATH,
+         "node #0,1, the trace's own start node"),
+        ("the same node twice", LEGIT.replace("<End Sub Searches>", "<No Solution in Sub Search 2 at level 1 at "
+                                              "Node #0,1>\n<End Sub Searches>"), "node #0,1 twice"),
+        ("unclosed join block", ROOT_PROMPT + joined(("Goal Reached", "0", VALID_PATH))[: -len("<End Sub Searches>\n")]
+         + "27,27 equal: Goal Reached\n", "node #0, the trace's own start node"),
+    ),
+)
+def test_joins_of_refused_spawns_are_malformed(name, text, words):
+    result = check_trace(TARGET, NUMS, text)
+    assert not result.ok and result.reason.startswith("malformed spawn"), f"{name}: {result.reason!r}"
+    assert words in result.reason, f"{name}: {result.reason!r} lacks {words!r}"
+
+
 # --- hostile input: bounded work, a reason, no crash ---------------------------------------------
 
 HUGE = "9" * 5000
@@ -165,6 +224,8 @@ HUGE = "9" * 5000
         ("5000-digit operand", trace(f"Exploring Operation: {HUGE}+1={HUGE}, Resulting Numbers: [{HUGE}]\n"
                                      f"{HUGE},{HUGE} equal: Goal Reached\n"), ["malformed operation"]),
         ("5000-digit goal line", trace(VALID_PATH.replace("27,27 equal", f"{HUGE},27 equal")), ["truncated"]),
+        ("20k join blocks", ROOT_PROMPT + joined(("No Solution", "0,1", "")) * 20_000, ["no goal"]),
+        ("100k unclosed join openings", ROOT_PROMPT + "<Sub Searches>\n" * 100_000, ["no goal"]),
     ),
 )
 def test_hostile_traces_get_a_reason(name, text, words):

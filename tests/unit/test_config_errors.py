@@ -1,5 +1,5 @@
-"""Ten broken configs, ten clear errors: each names the file, the dotted key and what was expected, and
-`apr-ray run` stops with one `error:` message and exit status 2 before anything is written.
+"""Eleven broken configs, eleven clear errors: each names the file, the dotted key and what was expected,
+and `apr-ray run` stops with one `error:` message and exit status 2 before anything is written.
 
 Also: `--set` override errors, every preset in configs/ loads, and dump_config round-trips.
 """
@@ -30,6 +30,8 @@ CASES = [
     ("08_head_dim.yaml", "model", ["head_dim", "= 30", "vLLM cannot serve", "(32, 64, 80"]),
     ("09_top_level_list.yaml", None, ["top level must be a mapping", "got list"]),
     ("10_invalid_yaml.yaml", None, ["not valid YAML", "line 3"]),
+    ("11_grpo_sampling_temperature.yaml", "rollout.runtime.sampling.temperature",
+     ["temperature=0.7", "raw logprobs", "temperature 1"]),
 ]
 IDS = [name.split(".")[0] for name, _, _ in CASES]
 # pydantic's own wording that a clear message must not carry (see _format_errors).
@@ -118,6 +120,52 @@ def test_root_level_error_has_no_placeholder():
         load_config("tiny", ["eval.problems=201"])
     assert str(info.value) == (f"{CONFIG_DIR / 'tiny.yaml'} + --set overrides: "
                                "eval.problems (201) exceeds the val split (data.val_problems = 200)")
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["rollout.runtime.sampling.temperature=0.7"], ["rollout.runtime.sampling.temperature=0.7"]),
+    (["rollout.runtime.sampling.temperature=0"], ["rollout.runtime.sampling.temperature=0"]),
+    (["rollout.runtime.sampling.top_p=0.9"], ["rollout.runtime.sampling.top_p=0.9"]),
+    (["rollout.runtime.sampling.top_k=20", "rollout.runtime.sampling.temperature=1.5"],
+     ["rollout.runtime.sampling.temperature=1.5", "rollout.runtime.sampling.top_k=20"]),
+])
+def test_grpo_rollouts_sample_the_distribution_their_logprobs_describe(overrides, named):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", ["grpo.steps=2", *overrides])
+    message = str(info.value)
+    assert len(message.splitlines()) == 1, message
+    for fragment in [*named, "raw logprobs", "temperature 1", "eval.sampling"]:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    for noise in NOISE:
+        assert noise not in message, message
+
+
+@pytest.mark.parametrize("overrides", [
+    ["eval.sampling.temperature=0.7", "eval.sampling.top_p=0.9", "eval.sampling.top_k=5"],  # evaluation is free
+    ["grpo.steps=0", "rollout.runtime.sampling.temperature=0.7"],  # no GRPO, no ratio
+    ["rollout.runtime.sampling.seed=3"],  # a seed does not change the distribution
+])
+def test_sampling_left_free_where_no_ratio_depends_on_it(overrides):
+    cfg = load_config("tiny", overrides)
+    assert cfg.grpo.steps == 0 or cfg.rollout.runtime.sampling.temperature == 1.0
+    assert cfg.eval.sampling.temperature in (0.0, 0.7)
+
+
+@pytest.mark.parametrize("entry", ["grpo", "plain"])
+def test_grpo_and_plain_entry_points_reject_warped_rollout_sampling(entry, tmp_path, monkeypatch, capsys):
+    # `apr-ray grpo` and `python -m apr_ray.plain` validate through the same load_config as `apr-ray run`.
+    from apr_ray import plain
+
+    monkeypatch.chdir(tmp_path)
+    overrides = ["--set", "output_dir=out", "--set", "rollout.runtime.sampling.temperature=0.7"]
+    code = main(["grpo", "--config", "tiny", *overrides]) if entry == "grpo" else plain.main(["--config", "tiny",
+                                                                                                 *overrides])
+    assert code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: ") and err.count("error:") == 1, err
+    assert "rollout.runtime.sampling.temperature=0.7: GRPO's ratio uses the sampler's raw logprobs" in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_long_input_is_cut():

@@ -241,6 +241,24 @@ def test_clip_high_is_separate():
     assert policy_loss(new, mb, GRPOConfig(kl_coef=0.0, clip_eps_high=0.28))[0].item() == pytest.approx(-1.25)
 
 
+def test_constant_norm_pushes_every_token_of_a_wrong_tree_equally():
+    short = TrainSequence([1], [3, 4], advantage=-1.0, sampler_logprobs=[-1.0] * 2, tree_index=0)
+    long = TrainSequence([1], [3] * 8, advantage=-1.0, sampler_logprobs=[-1.0] * 8, tree_index=1)
+    grads = {}
+    for norm in ("tree_mean", "constant"):
+        (mb,) = make_micro_batches([short, long], 99, pad_id=0)
+        new = mb.old_logprobs.clone().requires_grad_(True)
+        loss, _ = policy_loss(new, mb, GRPOConfig(kl_coef=0.0, loss_norm=norm, loss_norm_tokens=10))
+        loss.backward()
+        row_of = {int(i): b for b, i in enumerate(mb.seq_index)}
+        grads[norm] = (new.grad[row_of[0]].abs().max().item(), new.grad[row_of[1]].abs().max().item())
+        if norm == "constant":  # -A * r summed over 10 tokens / 10 / 2 trees
+            assert loss.item() == pytest.approx(10 / 10 / 2)
+    # tree_mean: a token of the long wrong sequence is pushed down 4x less than one of the short
+    assert grads["tree_mean"][0] == pytest.approx(4 * grads["tree_mean"][1])
+    assert grads["constant"][0] == pytest.approx(grads["constant"][1]) == pytest.approx(1 / 10 / 2)
+
+
 def test_k3_kl_by_hand():
     mb = one_sequence_batch(0.0)  # no policy term: only the KL remains
     new = mb.old_logprobs.clone()

@@ -84,10 +84,32 @@ def test_sft_overfits_a_small_batch(model_dir):
     assert last["step"] == 81 and last["tokens_per_s"] > 0 and last["grad_norm"] > 0
 
 
+def test_lr_schedules_warm_up_then_decay_to_the_floor():
+    cosine = LearnerConfig(lr=1.0, warmup_steps=4, lr_schedule="cosine", decay_steps=14, min_lr_ratio=0.1)
+    assert [cosine.lr_multiplier(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # no zero-lr step
+    assert cosine.lr_multiplier(9) == pytest.approx(0.55)  # halfway through the decay
+    assert cosine.lr_multiplier(14) == cosine.lr_multiplier(1000) == pytest.approx(0.1)
+    linear = cosine.model_copy(update={"lr_schedule": "linear"})
+    assert linear.lr_multiplier(6) == pytest.approx(1.0 - 0.9 * 2 / 10)
+    constant = cosine.model_copy(update={"lr_schedule": "constant"})
+    assert constant.lr_multiplier(1000) == 1.0
+    with pytest.raises(ValueError, match="decay_steps"):
+        LearnerConfig(lr_schedule="cosine", warmup_steps=5).lr_multiplier(10)
+
+
+def test_the_learner_follows_the_schedule(model_dir):
+    cfg = learner_cfg(lr=1e-2, warmup_steps=2, lr_schedule="linear", decay_steps=6, min_lr_ratio=0.0)
+    learner = Learner(cfg, model_dir)
+    lrs = [learner.sft_step(random_seqs(2, seed=i))["lr"] for i in range(7)]
+    assert lrs == pytest.approx([1e-2 * cfg.lr_multiplier(k) for k in range(7)], abs=1e-12)
+    assert lrs[0] == pytest.approx(5e-3) and lrs[-1] == 0.0
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(model_dir, tmp_path, stage):
     batches = [random_seqs(3, seed=100 + i) for i in range(6)]  # the "data position" selects the batch
-    cfg = learner_cfg(zero_stage=stage, warmup_steps=5)  # the resumed steps are still warming up
+    # the resumed steps are still warming up, and then decay: the schedule's position is restored
+    cfg = learner_cfg(zero_stage=stage, warmup_steps=2, lr_schedule="cosine", decay_steps=6)
 
     straight = Learner(cfg, model_dir)
     expected = [straight.sft_step(b)["loss"] for b in batches]

@@ -190,6 +190,57 @@ def test_malformed_spawn_requests_raise_with_a_reason(name, context, words):
         APR.find_spawn(context, 0, 10)
 
 
+CHILD_1_EXPANDED = CHILD_1_PROMPT + (
+    "Exploring Operation: 22/22=1, Resulting Numbers: [26, 1]\n"
+    "Generated Node #0,1,0: 27:[26, 1] Operation: 22/22=1\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "context", "depth", "words"),
+    [
+        ("root at its own start node", PARENT + spawn_block("<Start Sub Search 0 at level 1> Moving to Node #0"), 0,
+         "node #0, the thread's own start node"),
+        ("budget-prefixed root at its own start node",
+         "Sub Call Budget: 4 " + PARENT + spawn_block("<Start Sub Search 0 at level 1> Moving to Node #0,1",
+                                                     "<Start Sub Search 1 at level 1> Moving to Node #0"),
+         0, "node #0, the thread's own start node"),
+        ("child at its own start node",
+         CHILD_1_EXPANDED + spawn_block("<Start Sub Search 0 at level 2> Moving to Node #0,1"), 1,
+         "node #0,1, the thread's own start node"),
+        ("same node twice", PARENT + spawn_block("<Start Sub Search 0 at level 1> Moving to Node #0,1",
+                                                 "<Start Sub Search 1 at level 1> Moving to Node #0,1"), 0,
+         "node #0,1 twice"),
+        ("same node twice past max_children",
+         PARENT + spawn_block("<Start Sub Search 0 at level 1> Moving to Node #0,0",
+                              "<Start Sub Search 1 at level 1> Moving to Node #0,1",
+                              "<Start Sub Search 2 at level 1> Moving to Node #0,0"), 0,
+         "node #0,0 twice"),
+    ],
+)
+def test_spawn_that_would_hand_back_the_thread_own_search_is_refused(name, context, depth, words):
+    # a child at the thread's own start node (or two at one node) returns a solution the thread never
+    # searched for; its join would pass the checker
+    with pytest.raises(ProtocolError, match=words):
+        APR.find_spawn(context, depth, 1)
+
+
+def test_spawns_below_the_start_node_are_accepted():
+    budgeted = APR.find_spawn("Sub Call Budget: 4 " + PARENT + SPAWN_BLOCK, 0, 10)
+    assert [c.node_id for c in budgeted.children] == ["0,0", "0,1"]
+    below = spawn_block("<Start Sub Search 0 at level 2> Moving to Node #0,1,0")
+    child = APR.find_spawn(CHILD_1_EXPANDED + below, 1, 10)
+    assert [c.node_id for c in child.children] == ["0,1,0"]
+
+
+def test_start_node():
+    assert T.start_node(PARENT) == "0"
+    assert T.start_node("Sub Call Budget: 4 " + PARENT) == "0"
+    assert T.start_node(CHILD_1) == "0,1"
+    assert T.start_node("Current State: 27:[1], Operations: []\n") is None
+    assert T.start_node("Moving to Node #0,x\nMoving to Node #0\n") is None  # only the first line counts
+
+
 def test_no_spawn_is_none():
     assert APR.find_spawn(PARENT, 0, 10) is None
     assert APR.find_spawn(JOINED + "No solution found.\n", 0, 10) is None

@@ -61,8 +61,8 @@ def contexts(draw, depth: int = 0) -> str:
     head = draw(st.sampled_from(["", PARENT, "Sub Call Budget: 5 " + PARENT]))
     body = draw(st.one_of(st.just(""), soups, answers))
     if draw(st.sampled_from(["block", "block", "block", "no block"])) == "block":
-        if draw(st.booleans()):  # well-formed: right indices and level, nodes the parent generated
-            nodes = draw(st.lists(st.sampled_from(["0", "0,0", "0,1", "0,1,0"]), min_size=1, max_size=12))
+        if draw(st.booleans()):  # well-formed: right indices and level, distinct nodes the parent generated
+            nodes = draw(st.lists(st.sampled_from(["0,0", "0,1", "0,1,0"]), min_size=1, max_size=3, unique=True))
             children = [(i, depth + 1, node) for i, node in enumerate(nodes)]
         else:
             children = draw(st.lists(st.tuples(st.one_of(small, numbers), st.one_of(small, numbers), node_ids),

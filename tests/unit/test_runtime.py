@@ -425,6 +425,28 @@ def test_malformed_child_spawn_ends_the_child_and_the_parent_sees_no_solution(to
     assert t[0, 1].end_reason is EndReason.EOS
 
 
+@pytest.mark.parametrize(
+    ("budget", "nodes", "why"),
+    [
+        (None, ["0", "0"], "node #0, the thread's own start node"),
+        (4, ["0,1", "0"], "node #0, the thread's own start node"),
+        (None, ["0,1", "0,1"], "node #0,1 twice"),
+    ],
+)
+def test_spawn_at_the_root_own_node_or_twice_at_one_node_is_malformed(tok, budget, nodes, why):
+    # children at the root's own node #0 would each solve the whole problem, and the join the runtime
+    # writes would make their answers the root's for no search of its own
+    prompt = APR.condition(budget) + ROOT_PROMPT
+    spawn = T.SPAWN_OPEN + "\n" + "".join(T.spawn_child_line(i, 1, n) for i, n in enumerate(nodes)) + T.SPAWN_CLOSE
+    engine = TextEngine(tok, reference_respond({prompt: EXPAND + spawn + "\n"}))
+    tree = run(Runtime(engine, tok, APR, RuntimeConfig(budget=budget)))
+    (rec,) = tree.threads
+    assert rec.end_reason is EndReason.MALFORMED and why in rec.detail
+    assert engine.prompts == [prompt]  # no child ran
+    assert tree.final_answer is None and not tree.correct
+    assert "malformed" in tree.check_reason and why in tree.check_reason
+
+
 def test_engine_failures_are_errors(tok):
     def fail(prompt, seed):
         return RuntimeError("engine died") if prompt == CHILD_0_PROMPT else reference_respond()(prompt, seed)
