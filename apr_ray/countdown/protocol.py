@@ -73,13 +73,30 @@ def _lines(text: str) -> list[str]:
     return [line for line in text.split("\n") if len(line) <= MAX_LINE_CHARS]
 
 
-def node_states(context: str) -> dict[str, tuple[int, list[int], list[str]]]:
+State = tuple[int, list[int], list[str]]  # (target, numbers, operations so far)
+
+
+def node_states(context: str) -> dict[str, State]:
     """Search-node states a thread's text declares: node id -> (target, numbers, operations).
 
     `Moving to Node #X` followed by a `Current State` line declares X; `Generated Node #X,k: ...
     Operation: op` declares X,k from its parent's operations plus op.
     """
-    states: dict[str, tuple[int, list[int], list[str]]] = {}
+    return _scan_nodes(context)[0]
+
+
+def generated_node_states(context: str) -> dict[str, State]:
+    """The states of the nodes the thread itself generated (`Generated Node` lines): the only ones it may
+    spawn children at. A node declared by a `Moving to Node` line is one the thread was handed (its own
+    start), or one it claims to have moved to: spawning there would hand back a search it never did."""
+    return _scan_nodes(context)[1]
+
+
+def _scan_nodes(context: str) -> tuple[dict[str, State], dict[str, State]]:
+    """(every declared node's state, the states as the `Generated Node` lines declared them): a later
+    `Moving to Node` line may not rewrite the state a spawned child starts from."""
+    states: dict[str, State] = {}
+    generated: dict[str, State] = {}
     pending: str | None = None
     for line in _lines(context):
         if "Moving to Node #" in line:
@@ -101,8 +118,8 @@ def node_states(context: str) -> dict[str, tuple[int, list[int], list[str]]]:
             parent = T.parent_node_id(node_id)
             if parent in states:
                 op = f"{m[4]}{m[5]}{m[6]}={m[7]}"
-                states[node_id] = (target, nums, states[parent][2] + [op])
-    return states
+                states[node_id] = generated[node_id] = (target, nums, states[parent][2] + [op])
+    return states, generated
 
 
 def child_prompt(node_id: str, target: int, nums: list[int], ops: list[str]) -> str:
@@ -135,7 +152,7 @@ class AprProtocol(ThreadProtocol):
         if len(block_lines) > MAX_SPAWN_LINES:
             raise ProtocolError(f"spawn block longer than {MAX_SPAWN_LINES} lines")
         prefix = context[:start]
-        states = node_states(prefix)
+        states = generated_node_states(prefix)
         # A child at the thread's own start node, or two children at one node, hands back a search the
         # thread never did: its join would carry a whole solution for a handful of the thread's own tokens.
         own = T.start_node(prefix)

@@ -225,6 +225,17 @@ def test_spawn_that_would_hand_back_the_thread_own_search_is_refused(name, conte
         APR.find_spawn(context, depth, 1)
 
 
+def test_spawn_only_at_nodes_the_thread_generated():
+    # a node the thread says it moved to, with the root's numbers, is not one it generated
+    moved = PARENT + "Moving to Node #7\nCurrent State: 27:[22, 26, 31, 53], Operations: []\n"
+    with pytest.raises(ProtocolError, match="node #7, which the thread never generated"):
+        APR.find_spawn(moved + spawn_block("<Start Sub Search 0 at level 1> Moving to Node #7"), 0, 10)
+    # re-declaring a generated node with other numbers does not change the state its child starts from
+    rewritten = PARENT + "Moving to Node #0,1\nCurrent State: 27:[22, 26, 31, 53], Operations: []\n"
+    spawn = APR.find_spawn(rewritten + spawn_block("<Start Sub Search 0 at level 1> Moving to Node #0,1"), 0, 10)
+    assert spawn.children[0].prompt == CHILD_1_PROMPT
+
+
 def test_spawns_below_the_start_node_are_accepted():
     budgeted = APR.find_spawn("Sub Call Budget: 4 " + PARENT + SPAWN_BLOCK, 0, 10)
     assert [c.node_id for c in budgeted.children] == ["0,0", "0,1"]
