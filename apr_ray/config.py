@@ -71,6 +71,10 @@ class PoolConfig(BaseModel):
     min_workers: int = Field(1, ge=1, description="the pool never shrinks below this")
     max_workers: int = Field(4, ge=1, description="the pool never grows above this")
     cpus_per_worker: float = Field(1.0, gt=0.0, description="Ray CPUs per generator (also its torch / OMP threads)")
+    threads_per_worker: int = Field(
+        0, ge=0, description="torch / OMP threads of each generator; 0: its cpus_per_worker. On CPU the learner "
+        "idles while the generators roll out (and they idle while it trains), so the generators may use the "
+        "learner's cores too: set it to the node's cores")
     gpus_per_worker: float = Field(0.0, ge=0.0, description="Ray GPUs per generator (vLLM's GPU share)")
     max_concurrent_trees: int = Field(256, ge=1, description="trees in flight per generator")
     groups_per_request: int = Field(4, ge=1, description="problems (each a group of samples) per request to a generator")
@@ -133,6 +137,10 @@ class EvalConfig(BaseModel):
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0),
                                      description="greedy by default")
     sample_trees: int = Field(4, ge=0, description="trees logged as artifacts (JSON + HTML) per evaluation")
+    sampled_problems: int = Field(
+        0, ge=0, description="of the evaluated problems, the first this many are also sampled samples_per_problem "
+        "times like the training rollouts (val/sampled_solved: the earlier, steadier RL signal); 0: off")
+    samples_per_problem: int = Field(4, ge=1, description="samples per problem of the sampled evaluation")
 
 
 class RunConfig(BaseModel):
@@ -165,6 +173,9 @@ class RunConfig(BaseModel):
             raise ValueError(f"rollout.runtime.max_tokens ({self.rollout.runtime.max_tokens}) exceeds "
                              f"rollout.runtime.context_window ({window})")
         split_size = self.data.val_problems if self.eval.split == "val" else self.data.test_problems
+        if self.eval.sampled_problems > self.eval.problems:
+            raise ValueError(f"eval.sampled_problems ({self.eval.sampled_problems}) exceeds eval.problems "
+                             f"({self.eval.problems}): it samples the first of the evaluated problems")
         if self.eval.problems > split_size:
             raise ValueError(f"eval.problems ({self.eval.problems}) exceeds the {self.eval.split} split "
                              f"(data.{self.eval.split}_problems = {split_size})")

@@ -1,4 +1,9 @@
-"""Evaluation: roll out a fixed set of problems greedily and score the trees with the ladder.
+"""Evaluation: roll out a fixed set of problems greedily and score the trees with the ladder; optionally
+also sample several trees per problem of its first ones at the training distribution (T=1).
+
+Greedy accuracy moves late and in steps of 1/problems; the sampled solve rate (correct share of the
+samples, same problems, same seeds every evaluation) moves with every change of the policy, so it is the
+earlier and steadier signal of RL progress (reported as `sampled_solved`, beside the greedy `solved`).
 
 Owns the evaluated problem set, the engine-side rollout for evaluation (`Evaluator.run_engine`, any
 `engines.Engine`: the transformers engine in the plain script and during SFT) and the result
@@ -10,6 +15,7 @@ Ray, MLflow or vLLM.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,10 +55,18 @@ class Evaluator:
         runtime: RuntimeConfig,
         sampling: SamplingConfig,
         max_concurrent_trees: int = 64,
+        sampled_problems: int = 0,
+        samples_per_problem: int = 4,
+        sampled_seed: int = 0,
     ) -> None:
         if not problems:
             raise ValueError("evaluation needs at least one problem")
         self.problems = list(problems)
+        # Sampled like the training rollouts (runtime.sampling), with a fixed seed: every evaluation draws
+        # the same random numbers, so two evaluations differ by the policy, not by luck.
+        self.sampled = self.problems[:sampled_problems]
+        self.samples_per_problem = samples_per_problem
+        self.sampled_sampling = runtime.sampling.model_copy(update={"seed": sampled_seed})
         self.tokenizer = tokenizer
         self.protocol = protocol
         self.runtime_cfg = runtime.model_copy(update={"sampling": sampling})
@@ -61,24 +75,63 @@ class Evaluator:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def score(self, trees: Sequence[TreeRecord], wall_s: float = 0.0) -> EvalResult:
+    def score(self, trees: Sequence[TreeRecord], wall_s: float = 0.0,
+              sampled: Sequence[TreeRecord] = ()) -> EvalResult:
         if len(trees) != len(self.problems):
             raise ValueError(f"{len(trees)} trees for {len(self.problems)} evaluation problems")
         metrics = ladder.summarize(trees, self.decode) | {"wall_s": wall_s}
+        if self.sampled:
+            metrics |= self.score_sampled(sampled)
         return EvalResult(metrics, list(trees))
 
-    def run_engine(self, engine: Engine) -> EvalResult:
-        """Roll out every problem on `engine` in this thread (its own event loop)."""
-        start = time.perf_counter()
-        trees = asyncio.run(self._rollouts(engine))
-        return self.score(trees, time.perf_counter() - start)
+    def score_sampled(self, trees: Sequence[TreeRecord]) -> dict[str, float]:
+        """`sampled_solved`: the correct share of the samples; `sampled_pass_any`: of the problems, the
+        share with at least one correct sample."""
+        k = self.samples_per_problem
+        if len(trees) != len(self.sampled) * k:
+            raise ValueError(f"{len(trees)} sampled trees for {len(self.sampled)} problems x {k} samples")
+        groups = [trees[i : i + k] for i in range(0, len(trees), k)]
+        return {"sampled_solved": sum(t.correct for t in trees) / len(trees),
+                "sampled_pass_any": sum(any(t.correct for t in g) for g in groups) / len(groups)}
 
-    async def _rollouts(self, engine: Engine) -> list[TreeRecord]:
-        runtime = Runtime(engine, self.tokenizer, get_protocol(self.protocol), self.runtime_cfg)
+    def run_engine(self, engine: Engine) -> EvalResult:
+        """Roll out every problem (and the sampled ones) on `engine` in this thread (its own event loop)."""
+        start = time.perf_counter()
+        trees = asyncio.run(self._rollouts(engine, self.problems, 1, self.runtime_cfg))
+        sampled = asyncio.run(self._rollouts(engine, self.sampled, self.samples_per_problem,
+                                             self.runtime_cfg.model_copy(update={"sampling": self.sampled_sampling})))
+        return self.score(trees, time.perf_counter() - start, sampled)
+
+    def run_pool(self, pool: Any) -> EvalResult:
+        """The same on a generator pool (`pool.GeneratorPool`: anything with its `rollout`)."""
+        start = time.perf_counter()
+        trees, _ = pool.rollout(self.problems, 1, seed=0, sampling=self.runtime_cfg.sampling)
+        sampled: list[TreeRecord] = []
+        if self.sampled:
+            sampled, _ = pool.rollout(self.sampled, self.samples_per_problem, seed=0, sampling=self.sampled_sampling)
+        return self.score(trees, time.perf_counter() - start, sampled)
+
+    async def _rollouts(self, engine: Engine, problems: Sequence[Problem], k: int,
+                        runtime_cfg: RuntimeConfig) -> list[TreeRecord]:
+        runtime = Runtime(engine, self.tokenizer, get_protocol(self.protocol), runtime_cfg)
         return await bounded_gather(
-            (runtime.run_tree(p.target, p.nums, problem_id=p.problem_id, seed=i) for i, p in enumerate(self.problems)),
+            (runtime.run_tree(p.target, p.nums, problem_id=p.problem_id, seed=i * k + j)
+             for i, p in enumerate(problems) for j in range(k)),
             self.max_concurrent_trees,
         )
+
+
+def paired_difference(before: Sequence[bool], after: Sequence[bool]) -> tuple[float, float, float]:
+    """Mean of after - before over the same problems, and its 95% interval (normal approximation of the
+    per-problem differences, which is what makes two evaluations on one problem set comparable)."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired difference needs two equal, non-empty lists, got {len(before)} and {len(after)}")
+    diffs = [float(a) - float(b) for a, b in zip(after, before)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half = 1.96 * math.sqrt(var / n)
+    return mean, mean - half, mean + half
 
 
 def evaluate_model(evaluator: Evaluator, model: Any, max_batch_size: int = 64) -> EvalResult:

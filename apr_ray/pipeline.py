@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from apr_ray.config import ConfigError, RunConfig, dump_config
-from apr_ray.evaluation import LADDER_KEYS, EvalResult, Evaluator
+from apr_ray.evaluation import LADDER_KEYS, EvalResult, Evaluator, paired_difference
 from apr_ray.data import has_parquet
 from apr_ray.workspace import Workspace, ensure_init_model
 
@@ -103,7 +103,9 @@ def make_evaluator(cfg: RunConfig, ws: Workspace, split: str | None = None) -> E
         raise FileNotFoundError(f"{ws.problems}: no problems dataset (run `apr-ray run`, or the data stage, first)")
     problems = read_problems(ws.problems, split)[: cfg.eval.problems]
     return Evaluator(problems, build_tokenizer(), cfg.protocol, cfg.rollout.runtime, cfg.eval.sampling,
-                     max_concurrent_trees=cfg.rollout.pool.max_concurrent_trees)
+                     max_concurrent_trees=cfg.rollout.pool.max_concurrent_trees,
+                     sampled_problems=cfg.eval.sampled_problems if split == cfg.eval.split else 0,
+                     samples_per_problem=cfg.eval.samples_per_problem, sampled_seed=cfg.seed)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class PipelineReport:
     """What the closing summary prints."""
 
     evaluations: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> eval metrics
+    solved: dict[str, list[bool]] = field(default_factory=dict)  # label -> greedy correct, problem by problem
     stage_s: dict[str, float] = field(default_factory=dict)
     phase_s: dict[str, float] = field(default_factory=dict)  # GRPO phase totals
     model_dir: str = ""
@@ -204,10 +207,11 @@ class Pipeline:
         def evaluate(step: int) -> None:
             handle = learner.publish_weights(transport, step)
             self._pool().sync_weights(handle)
-            result = self._evaluate(evaluator, "val")
+            result = evaluator.run_pool(self._pool())
             log({f"val/{k}": v for k, v in result.metrics.items()}, step)
             print(f"[sft step {step}] {result.line()}", flush=True)
             self.report.evaluations["after SFT"] = result.metrics
+            self.report.solved["after SFT"] = [t.correct for t in result.trees]
             if step == cfg.sft.steps:
                 self._log_eval_artifacts(tracker, f"sft_step{step}", result, evaluator.decode)
 
@@ -239,9 +243,13 @@ class Pipeline:
         evaluator = make_evaluator(cfg, self.ws)
         offset = cfg.sft.steps  # GRPO steps follow SFT steps on the pipeline run's x axis
 
+        baseline = "after SFT" not in self.report.evaluations  # `apr-ray grpo` from a model dir
+
         def on_eval(step: int, result: EvalResult) -> None:
             print(f"[grpo step {step}] {result.line()}", flush=True)
-            self.report.evaluations["after GRPO"] = result.metrics
+            label = "after SFT" if step == 0 else "after GRPO"
+            self.report.evaluations[label] = result.metrics
+            self.report.solved[label] = [t.correct for t in result.trees]
             if step == cfg.grpo.steps:
                 self._log_eval_artifacts(tracker, f"grpo_step{step}", result, evaluator.decode)
 
@@ -253,7 +261,7 @@ class Pipeline:
                               log=self._logger(tracker, "grpo", offset),
                               on_eval=on_eval, progress=self.progress)
         try:
-            result = trainer.run()
+            result = trainer.run(evaluate_first=baseline)
             out = Path(trainer.export(self.ws.model("grpo")))
             if "eval" in self.stages:  # the test-split evaluation reuses the pool
                 self.evaluate_on_pool()
@@ -291,16 +299,11 @@ class Pipeline:
     def _pool(self) -> Any:
         return self._pool_future.result()
 
-    def _evaluate(self, evaluator: Evaluator, label: str) -> EvalResult:
-        sampling = evaluator.runtime_cfg.sampling
-        trees, stats = self._pool().rollout(evaluator.problems, 1, seed=0, sampling=sampling)
-        return evaluator.score(trees, stats.wall_s)
-
     def evaluate_on_pool(self) -> EvalResult:
         evaluator = make_evaluator(self.cfg, self.ws, split="test")
         tracker = self.tracker.child("eval")
         start = time.perf_counter()
-        result = self._evaluate(evaluator, "test")
+        result = evaluator.run_pool(self._pool())
         tracker.log_metrics({f"test/{k}": v for k, v in result.metrics.items()}, 0)
         self.tracker.log_metrics({f"test/{k}": v for k, v in result.metrics.items()}, 0)
         self._log_eval_artifacts(tracker, "test", result, evaluator.decode)
@@ -363,7 +366,7 @@ def summary_table(report: PipelineReport) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    rows = list(LADDER_KEYS) + ["tokens_total_mean", "tokens_critical_path_mean", "threads_per_tree"]
+    rows = list(LADDER_KEYS) + ["sampled_solved", "tokens_total_mean", "tokens_critical_path_mean", "threads_per_tree"]
     table = Table(title="apr-ray: validation ladder (greedy)")
     table.add_column("metric")
     for label in report.evaluations:
@@ -372,11 +375,16 @@ def summary_table(report: PipelineReport) -> str:
         cells = []
         for metrics in report.evaluations.values():
             v = metrics.get(key)
-            cells.append("-" if v is None else (f"{v:.3f}" if key in LADDER_KEYS else f"{v:.1f}"))
+            cells.append("-" if v is None else (f"{v:.3f}" if key in LADDER_KEYS or "solved" in key else f"{v:.1f}"))
         table.add_row(key, *cells)
     buf = StringIO()
     console = Console(file=buf, width=110, force_terminal=False)
     console.print(table)
+    before, after = report.solved.get("after SFT"), report.solved.get("after GRPO")
+    if before and after and len(before) == len(after):
+        mean, lo, hi = paired_difference(before, after)
+        console.print(f"GRPO - SFT, solved on the same {len(before)} problems: {100 * mean:+.1f} points "
+                      f"(95% interval {100 * lo:+.1f} .. {100 * hi:+.1f})")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in report.stage_s.items())
     console.print(f"time: {times}")
     total = sum(report.phase_s.get(k, 0.0) for k in ("rollout", "train", "sync", "score", "problems"))

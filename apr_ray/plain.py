@@ -57,7 +57,9 @@ def run(cfg: RunConfig, workers: int, progress: bool = True) -> dict[str, float]
     tokenizer = build_tokenizer()
     problems = read_problems(ws.problems, cfg.eval.split)[: cfg.eval.problems]
     evaluator = Evaluator(problems, tokenizer, cfg.protocol, cfg.rollout.runtime, cfg.eval.sampling,
-                          max_concurrent_trees=cfg.rollout.pool.max_concurrent_trees)
+                          max_concurrent_trees=cfg.rollout.pool.max_concurrent_trees,
+                          sampled_problems=cfg.eval.sampled_problems, samples_per_problem=cfg.eval.samples_per_problem,
+                          sampled_seed=cfg.seed)
     learner = Learner(cfg.sft.learner, model_dir)
 
     def log(metrics: dict[str, float], step: int) -> None:

@@ -110,8 +110,12 @@ class GeneratorPool:
     def _start_actors(self, count: int) -> list[Any]:
         """`count` new generators with their engines up and the current weights loaded. They start side by
         side: an engine takes seconds (transformers) to minutes (vLLM) to come up."""
+        options: dict[str, Any] = {}
+        if self.cfg.threads_per_worker:  # Ray would set OMP_NUM_THREADS to num_cpus; an explicit value wins
+            options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(self.cfg.threads_per_worker)}}
         actors = [
             Generator.options(
+                **options,
                 num_cpus=self.cfg.cpus_per_worker,
                 num_gpus=self.cfg.gpus_per_worker,
                 max_concurrency=max(64, 4 * self.cfg.requests_per_worker),

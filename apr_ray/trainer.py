@@ -114,8 +114,7 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, step: int) -> EvalResult:
-        trees, stats = self.pool.rollout(self.evaluator.problems, 1, seed=0, sampling=self.evaluator.runtime_cfg.sampling)
-        result = self.evaluator.score(trees, stats.wall_s)
+        result = self.evaluator.run_pool(self.pool)
         self.log({f"val/{k}": v for k, v in result.metrics.items()}, step)
         if self.on_eval is not None:
             self.on_eval(step, result)
@@ -123,12 +122,16 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self) -> GRPOResult:
+    def run(self, evaluate_first: bool = False) -> GRPOResult:
+        """The GRPO steps; `evaluate_first`: evaluate the starting model at step 0 (the baseline the
+        steps are measured against, when no SFT evaluation of the same weights precedes them)."""
         from tqdm import tqdm
 
         g = self.cfg.grpo
         result = GRPOResult()
         t0 = time.perf_counter()
+        if evaluate_first and g.steps:
+            self._timed_eval(0, result)
         problems = problem_stream(self.problems_dir, g.problems_per_step, self.cfg.seed)
         bar = tqdm(total=g.steps, desc="grpo", unit="step", disable=None if self.progress else True, dynamic_ncols=True)
         with stop_on_interrupt("grpo") as stop_requested:
