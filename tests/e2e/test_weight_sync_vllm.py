@@ -8,6 +8,8 @@ differ, so the comparison can fail.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 
 import pytest
@@ -15,6 +17,10 @@ import torch
 
 from apr_ray.learner.engine import Learner, LearnerConfig
 from apr_ray.modeling import ModelConfig, init_model, save_pretrained
+from apr_ray.rollout.engine_config import RELOAD_EXTENSION, VllmEngineConfig
+from apr_ray.rollout.engines import SamplingConfig
+from apr_ray.rollout.generator import GeneratorConfig, GeneratorImpl
+from apr_ray.rollout.vllm_engine import VllmEngine
 from apr_ray.rollout.vllm_ext import reload_weights, weight_versions
 from apr_ray.tokenizer import build_tokenizer
 from apr_ray.types import TrainSequence
@@ -121,7 +127,8 @@ def llm(model_dir):
         max_model_len=256,
         seed=0,
         generation_config="vllm",
-        worker_extension_cls="apr_ray.rollout.vllm_ext.WeightReloadExtension",
+        # The generators' own extension (it adds the wire reload VllmEngine calls to WeightReloadExtension).
+        worker_extension_cls=RELOAD_EXTENSION,
     )
     yield engine
     del engine
@@ -171,3 +178,89 @@ def test_sync_from_a_two_rank_zero3_group(llm, model_dir, ray_local, tmp_path):
         group.shutdown()
     assert weight_versions(llm) == [version]
     assert_serves(llm, exported.eval())
+
+
+class _AsyncFace:
+    """The three calls `VllmEngine` makes on its `AsyncLLM`, answered by the module's in-process `vllm.LLM`."""
+
+    def __init__(self, llm):
+        self._llm = llm
+
+    async def generate(self, prompt, params, request_id):
+        yield self._llm.generate([prompt], params, use_tqdm=False)[0]
+
+    async def collective_rpc(self, method, args=()):
+        return self._llm.collective_rpc(method, args=args)
+
+    async def reset_prefix_cache(self):
+        return self._llm.reset_prefix_cache()
+
+
+class InProcessVllmEngine(VllmEngine):
+    """The generators' `VllmEngine`, its own generate and reload_weights code, driving the module's engine:
+    the sync path is the generators' without paying a second engine start (~40 s in a Ray actor)."""
+
+    def __init__(self, llm, eos_token_id: int):  # VllmEngine.__init__ would start an AsyncLLM
+        self.llm = _AsyncFace(llm)
+        self.eos_token_id = eos_token_id
+        self._ids = itertools.count()
+        self._prefix = "sync-test-"
+        self.max_model_len = llm.llm_engine.model_config.max_model_len
+
+
+def test_trainer_sync_moves_the_generator_to_the_learners_new_weights(llm, model_dir, ray_local, tmp_path):
+    """GRPOTrainer's sync (LearnerGroup.publish_weights -> ObjectStoreTransport -> GeneratorPool.sync_weights ->
+    GeneratorImpl.update_weights -> VllmEngine.reload_weights -> WireReloadExtension), minus the Ray hop to
+    the generator actor. The generator's greedy tokens must change with the learner's weights and equal
+    the learner's own greedy decoding: a reload that did nothing, or reloaded the old weights, fails."""
+    from transformers import AutoModelForCausalLM
+
+    from apr_ray.learner.actor import LearnerGroup
+
+    tok = build_tokenizer()
+    base = weight_versions(llm)[0] + 1  # earlier tests of the module may have loaded versions already
+    gen = GeneratorImpl(GeneratorConfig(engine=VllmEngineConfig(model=str(model_dir)), initial_version=base),
+                        engine=InProcessVllmEngine(llm, tok.eos_token_id), tokenizer=tok)
+    transport = ObjectStoreTransport()
+    group = LearnerGroup(LearnerConfig(lr=1e-2, torch_threads=1), model_dir, num_learners=1)
+
+    async def generator_greedy() -> list[tuple[list[int], list[float]]]:
+        outs = [await gen.engine.generate(p, NEW_TOKENS, SamplingConfig(temperature=0.0), ignore_eos=True)
+                for p in PROMPTS]
+        return [(o.output_ids, o.logprobs) for o in outs]
+
+    async def sync(version: int) -> None:  # GRPOTrainer._step, phase 5, with pool.sync_weights' actor call
+        handle = group.publish_weights(transport, version)
+        assert await gen.update_weights(handle) == version
+
+    def assert_matches(served, model) -> None:
+        for prompt, (tokens, lps) in zip(PROMPTS, served):
+            ref_tokens, ref_lps = greedy(model, prompt, NEW_TOKENS)
+            assert tokens == ref_tokens, prompt
+            assert lps == pytest.approx(ref_lps, abs=1e-4), prompt
+
+    async def scenario():
+        # Before: the learner's starting weights, loaded through the same path, so the state compared
+        # against is known whatever earlier tests left in the engine.
+        await sync(base + 1)
+        before = await generator_greedy()
+        before_state = {k: v.clone() for k, v in group.full_state_dict().items()}
+        assert_matches(before, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
+
+        for step in range(10):  # a high lr on counting runs: the greedy continuations become counting
+            group.sft_step(counting_batch(200 + step))
+        after_state = group.full_state_dict()
+        moved = max(float((after_state[k] - v).abs().max()) for k, v in before_state.items())
+        assert moved > 0.05, f"the learner's weights barely moved ({moved:.4f}): the test would prove nothing"
+        await sync(base + 2)
+        return before, await generator_greedy()
+
+    try:
+        before, after = asyncio.run(scenario())
+        learner_model = AutoModelForCausalLM.from_pretrained(group.export_hf(tmp_path / "after"), dtype=torch.float32)
+    finally:
+        group.shutdown()
+    assert gen.policy_version() == base + 2 and weight_versions(llm) == [base + 2]
+    changed = [p for p, b, a in zip(PROMPTS, before, after) if b[0] != a[0]]
+    assert changed, "greedy tokens identical before and after the sync: the reload did not reach the sampler"
+    assert_matches(after, learner_model.eval())
