@@ -14,6 +14,10 @@ Departures from the references (shared/research/parallel_reasoning.md §3):
   (the paper's and APR's 0/1), configurable.
 - APR's TinyRL defines length and thread penalties but never calls them; here they exist and are off
   by default.
+- ThreadWeaver's bonus min(0.5 * eta, 0.2) is flat above eta = 0.4, where 76-93% of solved spawning APR
+  demonstrations on the paper's problems sit; here min(0.3 * eta, 0.27) rises up to eta = 0.9, above
+  every solved demonstration measured (eta at most 0.48 on the tiny problems, 0.85 on the paper's:
+  bench/eta_range.py, bench/results.md), so shorter critical paths keep earning more.
 """
 
 from __future__ import annotations
@@ -32,8 +36,16 @@ class RewardConfig(BaseModel):
     correct_reward: float = Field(1.0, description="reward of a tree whose final answer passes the checker")
     incorrect_reward: float = Field(0.0, description="reward of any other tree (ThreadWeaver's code uses -1)")
     critical_path_enabled: bool = Field(True, description="add the ThreadWeaver acceleration bonus")
-    critical_path_coef: float = Field(0.5, ge=0.0, description="rho: bonus = min(rho * eta, cap)")
-    critical_path_cap: float = Field(0.2, ge=0.0, description="upper bound of the bonus")
+    critical_path_coef: float = Field(
+        0.3, ge=0.0,
+        description="rho: bonus = min(rho * eta, cap); the slope over the eta of correct parallel trees "
+        "(ThreadWeaver: 0.5, flat above eta = 0.4)",
+    )
+    critical_path_cap: float = Field(
+        0.27, ge=0.0,
+        description="upper bound of the bonus, reached at eta = cap / coef (0.9 by default: above every solved "
+        "solver demonstration, so only trees with > 90% of their tokens off the critical path gain no more)",
+    )
     token_cap: int | None = Field(
         None, ge=1, description="total generated tokens above which token_cap_penalty applies; None: off"
     )

@@ -31,19 +31,31 @@ def test_correct_sequential_tree_gets_no_bonus():
 
 
 def test_bonus_below_cap():
-    # eta = 1 - 90/100 = 0.1, bonus = 0.5 * 0.1 = 0.05 (< cap 0.2)
+    # eta = 1 - 90/100 = 0.1, bonus = 0.3 * 0.1 = 0.03 (< cap 0.27)
     r = score_tree(tree(True, 100, 90, threads=3), RewardConfig())
-    assert r.terms["critical_path"] == pytest.approx(0.05)
-    assert r.total == pytest.approx(1.05)
+    assert r.terms["critical_path"] == pytest.approx(0.03)
+    assert r.total == pytest.approx(1.03)
 
 
 def test_bonus_is_capped():
-    # eta = 1 - 20/100 = 0.8, 0.5 * 0.8 = 0.4 -> capped at 0.2
-    r = score_tree(tree(True, 100, 20, threads=5), RewardConfig())
-    assert r.terms["critical_path"] == pytest.approx(0.2)
-    assert r.total == pytest.approx(1.2)
-    r = score_tree(tree(True, 100, 20, threads=5), RewardConfig(critical_path_cap=0.35))
+    # eta = 1 - 5/100 = 0.95, 0.3 * 0.95 = 0.285 -> capped at 0.27
+    r = score_tree(tree(True, 100, 5, threads=5), RewardConfig())
+    assert r.terms["critical_path"] == pytest.approx(0.27)
+    assert r.total == pytest.approx(1.27)
+    # eta = 0.8, 0.5 * 0.8 = 0.4 -> capped at 0.35
+    r = score_tree(tree(True, 100, 20, threads=5), RewardConfig(critical_path_coef=0.5, critical_path_cap=0.35))
     assert r.terms["critical_path"] == pytest.approx(0.35)
+
+
+def test_default_bonus_rises_over_the_eta_of_solved_parallel_trees():
+    # Solved spawning solver demonstrations: eta p5..p95 0.17..0.45 on the tiny problems, 0.25..0.84 on
+    # the paper's, at most 0.85 (bench/eta_range.py, two seeds): the default bonus must rise across it all.
+    etas = [0.15, 0.3, 0.45, 0.5, 0.7, 0.85]
+    cfg = RewardConfig()
+    bonus = [score_tree(tree(True, 1000, round(1000 * (1 - eta)), threads=4), cfg).terms["critical_path"]
+             for eta in etas]
+    assert all(a < b for a, b in zip(bonus, bonus[1:])), bonus
+    assert bonus[-1] < cfg.critical_path_cap
 
 
 def test_incorrect_tree_gets_no_bonus():
@@ -89,8 +101,8 @@ def test_breakdown_sums_to_total_with_every_term():
     cfg = RewardConfig(token_cap=50, token_cap_penalty=0.3, max_threads=2, thread_penalty=0.1)
     r = score_tree(tree(True, 100, 40, threads=4), cfg)
     assert list(r.terms) == list(REWARD_TERMS)
-    # 1 + min(0.5 * 0.6, 0.2) - 0.3 - 0.1 * 2
-    assert r.total == pytest.approx(1 + 0.2 - 0.3 - 0.2)
+    # 1 + min(0.3 * 0.6, 0.27) - 0.3 - 0.1 * 2
+    assert r.total == pytest.approx(1 + 0.18 - 0.3 - 0.2)
     assert r.total == pytest.approx(sum(r.terms.values()))
 
 
