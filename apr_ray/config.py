@@ -100,7 +100,8 @@ class RolloutConfig(BaseModel):
     runtime: RuntimeConfig = Field(default_factory=lambda: RuntimeConfig(max_tokens=1024, context_window=2048),
                                    description="limits of every tree; its sampling is the training rollouts' "
                                    "(evaluation samples with eval.sampling)")
-    pool: PoolConfig = Field(default_factory=PoolConfig)
+    # The tiny preset's machine has 2 cores: the learner idles during rollouts, so the generator takes both.
+    pool: PoolConfig = Field(default_factory=lambda: PoolConfig(threads_per_worker=2))
 
 
 class GRPOStageConfig(BaseModel):

@@ -232,3 +232,29 @@ def generate_splits(cfg: ProblemConfig, sizes: dict[str, int], seed: int) -> dic
         out[split] = problems[start : start + sizes[split]]
         start += sizes[split]
     return out
+
+
+def trivial_operator(problem: Problem) -> str | None:
+    """The operator of a solution that needs no search, if there is one: every number combined with one
+    operator, left to right in some order, under the move rules (so "-" means larger minus smaller at each
+    step, "/" exact). A task on which such chains solve many problems tests recall, not search; the share
+    of problems they solve is reported beside every accuracy."""
+    from itertools import permutations
+
+    for op in "+*-/":
+        for order in set(permutations(problem.nums)):
+            value: int | None = order[0]
+            for n in order[1:]:
+                hi, lo = max(value, n), min(value, n)
+                value = {"+": value + n, "*": value * n, "-": hi - lo,
+                         "/": hi // lo if lo and hi % lo == 0 else None}[op]
+                if value is None:
+                    break
+            if value == problem.target:
+                return op
+    return None
+
+
+def trivial_share(problems: list[Problem]) -> float:
+    """The share of `problems` that `trivial_operator` solves."""
+    return sum(trivial_operator(p) is not None for p in problems) / len(problems) if problems else 0.0

@@ -238,3 +238,14 @@ def test_negative_sizes_are_rejected(call):
             generate_splits(ProblemConfig(), {"train": -3, "val": 2}, seed=0)
         else:
             generate_problems(ProblemConfig(), -3, seed=0)
+
+
+def test_trivial_operator_chains():
+    from apr_ray.countdown.problems import Problem, trivial_operator, trivial_share
+
+    assert trivial_operator(Problem(21, (4, 7, 10))) == "+"
+    assert trivial_operator(Problem(280, (4, 7, 10))) == "*"
+    assert trivial_operator(Problem(1, (4, 7, 10))) == "-"  # 10-7=3, 4-3=1 (larger minus smaller)
+    assert trivial_operator(Problem(2, (20, 5, 2))) == "/"  # 20/5=4, 4/2=2
+    assert trivial_operator(Problem(38, (4, 7, 10))) is None  # 4*7+10 mixes operators: a search
+    assert trivial_share([Problem(21, (4, 7, 10)), Problem(38, (4, 7, 10))]) == 0.5
