@@ -116,6 +116,7 @@ class PipelineReport:
     solved: dict[str, list[bool]] = field(default_factory=dict)  # label -> greedy correct, problem by problem
     stage_s: dict[str, float] = field(default_factory=dict)
     phase_s: dict[str, float] = field(default_factory=dict)  # GRPO phase totals
+    grpo_steps: tuple[int, int] = (0, 0)  # (steps with a non-empty update, steps)
     model_dir: str = ""
     tracking_hint: str = ""
     interrupted: bool = False
@@ -154,7 +155,7 @@ class Pipeline:
             self.ws.append_metrics(metrics, step + offset)
             self.live.publish(metrics, stage)
             for k, v in metrics.items():
-                if k.startswith("val/") and k[4:] in LADDER_KEYS:
+                if k.startswith("val/") and k[4:] in (*LADDER_KEYS, "sampled_solved"):
                     self.history.setdefault(k, []).append((step + offset, float(v)))
 
         return log
@@ -269,6 +270,7 @@ class Pipeline:
             trainer.shutdown()
         self.report.stage_s["grpo"] = time.perf_counter() - start
         self.report.phase_s = result.phase_s
+        self.report.grpo_steps = (result.nonempty_steps, result.steps)
         return self._end_stage(tracker, "grpo", result, out)
 
     def _end_stage(self, tracker: Any, stage: str, result: Any, out: Path) -> Path:
@@ -390,7 +392,8 @@ def summary_table(report: PipelineReport) -> str:
     total = sum(report.phase_s.get(k, 0.0) for k in ("rollout", "train", "sync", "score", "problems"))
     if total > 0:
         shares = ", ".join(f"{k} {report.phase_s[k] / total:.0%}" for k in ("rollout", "train", "sync", "score"))
-        console.print(f"GRPO step time: {shares}")
+        console.print(f"GRPO step time: {shares}; non-empty updates in {report.grpo_steps[0]} of "
+                      f"{report.grpo_steps[1]} steps")
     if report.model_dir:
         console.print(f"model: {report.model_dir}")
     console.print(f"MLflow: {report.tracking_hint}")

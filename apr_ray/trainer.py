@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from apr_ray.config import RunConfig
 from apr_ray.countdown.problems import Problem
 from apr_ray.evaluation import EvalResult, Evaluator
-from apr_ray.grpo import prepare_sequences
+from apr_ray.grpo import flat_groups, prepare_sequences
 from apr_ray.rewards import score_tree
 from apr_ray.sft import stop_on_interrupt
 from apr_ray.types import TreeRecord
@@ -44,6 +44,7 @@ class GRPOResult:
     phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES + ("eval",), 0.0))
     interrupted: bool = False
     evaluations: dict[int, dict[str, float]] = field(default_factory=dict)
+    nonempty_steps: int = 0  # steps with at least one group whose rewards differ (a non-zero update)
 
 
 def problem_stream(problems_dir: Any, batch: int, seed: int) -> Iterator[list[Problem]]:
@@ -204,6 +205,8 @@ class GRPOTrainer:
             "grpo/pool_restarts": float(self.pool.restarts),
             "grpo/redispatched_requests": float(stats.redispatched),
             "grpo/sequences": float(len(seqs)),
+            # groups whose rewards differ: the only ones with a gradient (0 means the update was empty)
+            "grpo/informative_groups": 1.0 - sum(flat_groups(rewards, g.algorithm.group_size)) / max(len(rewards), 1),
             "grpo/step_s": step_s,
         }
         # Per generator actor: trees served this step and its last weight reload (from the actor itself).
@@ -212,6 +215,7 @@ class GRPOTrainer:
         out["grpo/reload_s_max"] = max(reloads, default=0.0)
         out |= {f"grpo/time_{k}_s": v for k, v in times.items()}
         out |= {f"grpo/share_{k}": v / step_s for k, v in times.items() if step_s > 0}
+        result.nonempty_steps += out["grpo/informative_groups"] > 0
         self.log(out, step)
         return out
 
