@@ -21,6 +21,7 @@ import itertools
 import random
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,6 +40,12 @@ class SolverConfig(BaseModel):
     apr_max_sub_beam: int = Field(15, ge=1, le=64, description="child beam ~ U{parent beam..apr_max_sub_beam}")
     apr_promising: float = Field(0.9, ge=0.0, le=1.0, description="APR chance to spawn where it may")
     max_spawn_depth: int = Field(1, ge=1, le=4, description="threads at depth < this may spawn (reference: 1)")
+    apr_spawn_order: Literal["heuristic", "generated"] = Field(
+        "heuristic",
+        description="order of the children in a spawn block: heuristic (the reference: best first, a permutation "
+        "of the generated nodes) or generated (#X,0, #X,1, ...: the order they were generated, which a small "
+        "model learns to write without naming a node twice)",
+    )
 
     @model_validator(mode="after")
     def _beams(self) -> SolverConfig:
@@ -216,6 +223,8 @@ def _apr_search(start: Node, target: int, beam: int, sub_beam: int, cfg: SolverC
                 demo.solved = True
                 return demo, goal
             if depth < cfg.max_spawn_depth and len(numbered) > 1 and rng.random() < cfg.apr_promising:
+                if cfg.apr_spawn_order == "generated":
+                    numbered = sorted(numbered, key=lambda c: int(c.idx.rsplit(",", 1)[1]))
                 results = [
                     _apr_search(child, target, sub_beam, sub_beam, cfg, depth + 1, rng) for child in numbered
                 ]

@@ -240,3 +240,26 @@ def test_path_to_goal_needs_a_descendant():
 def test_bad_solver_config_is_rejected(kwargs):
     with pytest.raises(ValidationError, match=next(iter(kwargs))):
         SolverConfig(**kwargs)
+
+
+def test_generated_spawn_order_lists_children_as_generated():
+    import random
+    import re
+
+    from apr_ray.countdown.problems import Problem
+    from apr_ray.countdown.solvers import SolverConfig, solve_apr
+
+    cfg = SolverConfig(apr_spawn_order="generated", apr_promising=1.0)
+    blocks = 0
+    for seed in range(40):
+        demo = solve_apr(Problem(24, (3, 7, 11, 5)), cfg, random.Random(seed))
+        stack = [demo]
+        while stack:
+            thread = stack.pop()
+            stack.extend(c for group in thread.children for c in group)
+            for segment in thread.segments[:-1]:  # every segment but the last ends in a spawn block
+                ids = re.findall(r"Moving to Node #([\d,]+)\n", segment.rsplit("<Calling Sub Searches>", 1)[1])
+                last = [int(i.rsplit(",", 1)[1]) for i in ids]
+                assert last == sorted(last) and len(set(ids)) == len(ids), ids
+                blocks += 1
+    assert blocks > 10
