@@ -41,7 +41,8 @@ def local_data(cfg: RunConfig, ws: Workspace, workers: int) -> Path:
     return demos
 
 
-def run(cfg: RunConfig, workers: int, progress: bool = True) -> dict[str, float]:
+def run(cfg: RunConfig, workers: int, progress: bool = True, model: Path | None = None) -> dict[str, float]:
+    """SFT from `model` (a Hugging Face model directory; default: the config's freshly built model)."""
     from apr_ray.data import iter_sft_batches, read_problems
     from apr_ray.evaluation import Evaluator, evaluate_model
     from apr_ray.learner.engine import Learner
@@ -53,7 +54,7 @@ def run(cfg: RunConfig, workers: int, progress: bool = True) -> dict[str, float]
     (ws.root / "config.yaml").write_text(dump_config(cfg))
     t0 = time.perf_counter()
     demos = local_data(cfg, ws, workers)
-    model_dir = ensure_init_model(cfg, ws)
+    model_dir = model or ensure_init_model(cfg, ws)
     tokenizer = build_tokenizer()
     problems = read_problems(ws.problems, cfg.eval.split)[: cfg.eval.problems]
     evaluator = Evaluator(problems, tokenizer, cfg.protocol, cfg.rollout.runtime, cfg.eval.sampling,
@@ -107,12 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m apr_ray.plain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="preset name or YAML file (default: tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--model", type=Path, default=None, help="start SFT from this model directory")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing the data")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        summary = run(cfg, args.workers, progress=not args.no_progress)
+        if args.model is not None and not (args.model / "config.json").is_file():
+            raise FileNotFoundError(f"--model {args.model}: not a model directory (no config.json)")
+        summary = run(cfg, args.workers, progress=not args.no_progress, model=args.model)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
