@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from apr_ray.countdown.problems import ProblemConfig
+from apr_ray.countdown.solvers import SolverConfig
 from apr_ray.data import DemosConfig
 from apr_ray.learner.config import GRPOConfig, LearnerConfig
 from apr_ray.modeling import MODEL_PRESETS, ModelConfig
@@ -40,7 +41,9 @@ class DataConfig(BaseModel):
     train_problems: int = Field(2000, ge=1, description="problems in the train split")
     val_problems: int = Field(200, ge=1, description="problems in the validation split")
     test_problems: int = Field(200, ge=0, description="problems in the test split")
-    demos: DemosConfig = Field(default_factory=DemosConfig)
+    # Children listed as generated: a 1M-parameter model copies the reference's best-first permutation
+    # with repeats, which is a malformed spawn (docs/results.md, runs A-C).
+    demos: DemosConfig = Field(default_factory=lambda: DemosConfig(solver=SolverConfig(apr_spawn_order="generated")))
     num_workers: int = Field(2, ge=1, le=1024, description="Ray Data parallelism for generation")
 
     def split_sizes(self) -> dict[str, int]:
@@ -55,8 +58,9 @@ class SFTConfig(BaseModel):
     steps: int = Field(600, ge=0, description="optimizer steps; 0 skips SFT (GRPO then starts from the initial model)")
     batch_sequences: int = Field(16, ge=1, description="thread sequences per optimizer step")
     shuffle_buffer: int = Field(4096, ge=0, description="sequences held for shuffling the stream; <= 1 keeps file order")
-    learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(lr=2e-3, warmup_steps=20, weight_decay=0.01))
-    eval_every: int = Field(300, ge=0, description="evaluate on the validation split every this many steps; 0: at the end only")
+    learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(
+        lr=3e-3, warmup_steps=20, weight_decay=0.01, lr_schedule="cosine", min_lr_ratio=0.05))
+    eval_every: int = Field(0, ge=0, description="evaluate on the validation split every this many steps; 0: at the end only")
     checkpoint_every: int = Field(0, ge=0, description="DeepSpeed checkpoint every this many steps; 0: at the end only")
     log_every: int = Field(10, ge=1, description="metrics to MLflow every this many steps")
     max_minutes: float | None = Field(None, gt=0.0, description="stop after this many minutes even if steps remain")
@@ -111,9 +115,10 @@ class GRPOStageConfig(BaseModel):
 
     steps: int = Field(6, ge=0, description="rollout + update steps; 0 skips GRPO")
     problems_per_step: int = Field(8, ge=1, description="train problems per step, each sampled group_size times")
-    algorithm: GRPOConfig = Field(default_factory=lambda: GRPOConfig(group_size=4, inner_steps=1, kl_coef=0.0))
+    algorithm: GRPOConfig = Field(default_factory=lambda: GRPOConfig(group_size=8, inner_steps=1, kl_coef=0.0,
+                                                                     loss_norm="constant"))
     reward: RewardConfig = Field(default_factory=RewardConfig)
-    learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(lr=2e-4))
+    learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(lr=1e-4))
     eval_every: int = Field(0, ge=0, description="evaluate every this many steps; 0: at the end only")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every this many steps; 0: at the end only")
 
@@ -134,12 +139,12 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     split: Literal["val", "test"] = Field("val", description="problems split evaluated")
-    problems: int = Field(50, ge=1, description="problems evaluated (the split's first ones, a fixed set)")
+    problems: int = Field(200, ge=1, description="problems evaluated (the split's first ones, a fixed set)")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0),
                                      description="greedy by default")
     sample_trees: int = Field(4, ge=0, description="trees logged as artifacts (JSON + HTML) per evaluation")
     sampled_problems: int = Field(
-        0, ge=0, description="of the evaluated problems, the first this many are also sampled samples_per_problem "
+        25, ge=0, description="of the evaluated problems, the first this many are also sampled samples_per_problem "
         "times like the training rollouts (val/sampled_solved: the earlier, steadier RL signal); 0: off")
     samples_per_problem: int = Field(4, ge=1, description="samples per problem of the sampled evaluation")
 
