@@ -40,7 +40,7 @@ class DataConfig(BaseModel):
     problems: ProblemConfig = Field(default_factory=lambda: ProblemConfig(num_operands=3, num_max=20, target_max=30))
     train_problems: int = Field(2000, ge=1, description="problems in the train split")
     val_problems: int = Field(200, ge=1, description="problems in the validation split")
-    test_problems: int = Field(200, ge=0, description="problems in the test split")
+    test_problems: int = Field(100, ge=0, description="problems in the test split")
     # Children listed as generated: a 1M-parameter model copies the reference's best-first permutation
     # with repeats, which is a malformed spawn (docs/results.md, runs A-C).
     demos: DemosConfig = Field(default_factory=lambda: DemosConfig(solver=SolverConfig(apr_spawn_order="generated")))
@@ -55,7 +55,7 @@ class SFTConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(600, ge=0, description="optimizer steps; 0 skips SFT (GRPO then starts from the initial model)")
+    steps: int = Field(800, ge=0, description="optimizer steps; 0 skips SFT (GRPO then starts from the initial model)")
     batch_sequences: int = Field(16, ge=1, description="thread sequences per optimizer step")
     shuffle_buffer: int = Field(4096, ge=0, description="sequences held for shuffling the stream; <= 1 keeps file order")
     learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(
@@ -113,7 +113,7 @@ class GRPOStageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(6, ge=0, description="rollout + update steps; 0 skips GRPO")
+    steps: int = Field(3, ge=0, description="rollout + update steps; 0 skips GRPO")
     problems_per_step: int = Field(8, ge=1, description="train problems per step, each sampled group_size times")
     algorithm: GRPOConfig = Field(default_factory=lambda: GRPOConfig(group_size=8, inner_steps=1, kl_coef=0.0,
                                                                      loss_norm="constant"))
@@ -144,7 +144,7 @@ class EvalConfig(BaseModel):
                                      description="greedy by default")
     sample_trees: int = Field(4, ge=0, description="trees logged as artifacts (JSON + HTML) per evaluation")
     sampled_problems: int = Field(
-        25, ge=0, description="of the evaluated problems, the first this many are also sampled samples_per_problem "
+        10, ge=0, description="of the evaluated problems, the first this many are also sampled samples_per_problem "
         "times like the training rollouts (val/sampled_solved: the earlier, steadier RL signal); 0: off")
     samples_per_problem: int = Field(4, ge=1, description="samples per problem of the sampled evaluation")
 

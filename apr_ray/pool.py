@@ -111,8 +111,12 @@ class GeneratorPool:
         """`count` new generators with their engines up and the current weights loaded. They start side by
         side: an engine takes seconds (transformers) to minutes (vLLM) to come up."""
         options: dict[str, Any] = {}
-        if self.cfg.threads_per_worker:  # Ray would set OMP_NUM_THREADS to num_cpus; an explicit value wins
-            options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(self.cfg.threads_per_worker)}}
+        if self.cfg.threads_per_worker:
+            # Ray would set OMP_NUM_THREADS to num_cpus; vLLM's CPU backend binds its OMP threads itself and,
+            # left to choose, keeps one core of the node for its scheduler process (on 2 cores: 1 thread).
+            n = self.cfg.threads_per_worker
+            options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(n),
+                                                   "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}"}}
         actors = [
             Generator.options(
                 **options,
