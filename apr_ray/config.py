@@ -144,7 +144,7 @@ class EvalConfig(BaseModel):
                                      description="greedy by default")
     sample_trees: int = Field(4, ge=0, description="trees logged as artifacts (JSON + HTML) per evaluation")
     sampled_problems: int = Field(
-        10, ge=0, description="of the evaluated problems, the first this many are also sampled samples_per_problem "
+        10, ge=0, description="of the evaluated problems, the first this many (at most all) are also sampled samples_per_problem "
         "times like the training rollouts (val/sampled_solved: the earlier, steadier RL signal); 0: off")
     samples_per_problem: int = Field(4, ge=1, description="samples per problem of the sampled evaluation")
 
@@ -179,9 +179,6 @@ class RunConfig(BaseModel):
             raise ValueError(f"rollout.runtime.max_tokens ({self.rollout.runtime.max_tokens}) exceeds "
                              f"rollout.runtime.context_window ({window})")
         split_size = self.data.val_problems if self.eval.split == "val" else self.data.test_problems
-        if self.eval.sampled_problems > self.eval.problems:
-            raise ValueError(f"eval.sampled_problems ({self.eval.sampled_problems}) exceeds eval.problems "
-                             f"({self.eval.problems}): it samples the first of the evaluated problems")
         if self.eval.problems > split_size:
             raise ValueError(f"eval.problems ({self.eval.problems}) exceeds the {self.eval.split} split "
                              f"(data.{self.eval.split}_problems = {split_size})")
