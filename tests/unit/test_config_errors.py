@@ -200,7 +200,7 @@ def test_presets_differ_where_their_files_say():
 
 @pytest.mark.parametrize("preset, overrides", [
     ("tiny", []), ("small", []), ("paper", []), ("sosp", []),
-    ("tiny", ["seed=7", "eval.split=test", "rollout.backend=transformers", "grpo.steps=3"]),
+    ("tiny", ["seed=7", "eval.split=test", "eval.problems=100", "rollout.backend=transformers", "grpo.steps=3"]),
 ])
 def test_dump_load_round_trip(preset, overrides, tmp_path):
     cfg = load_config(preset, overrides)
