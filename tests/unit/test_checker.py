@@ -145,13 +145,8 @@ def test_text_after_the_last_goal_line_is_ignored():
 
 # --- join blocks: a spawn the protocol refuses is refused here too ---------------------------------
 
-ROOT_PROMPT = "Moving to Node #0\nCurrent State: 27:[22, 26, 31, 53], Operations: []\n"
-EXPAND = (
-    "Exploring Operation: 53-22=31, Resulting Numbers: [26, 31, 31]\n"
-    "Generated Node #0,0: 27:[26, 31, 31] Operation: 53-22=31\n"
-    "Exploring Operation: 53-31=22, Resulting Numbers: [22, 26, 22]\n"
-    "Generated Node #0,1: 27:[22, 26, 22] Operation: 53-31=22\n"
-)
+from test_runtime import EXPAND, ROOT_PROMPT  # noqa: E402 (the reference example's root, shared)
+
 CHILD_1_PATH = VALID_PATH[VALID_PATH.index("Moving to Node #0,1\n"):]
 
 
