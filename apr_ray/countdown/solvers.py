@@ -46,6 +46,12 @@ class SolverConfig(BaseModel):
         "of the generated nodes) or generated (#X,0, #X,1, ...: the order they were generated, which a small "
         "model learns to write without naming a node twice)",
     )
+    expand_order: Literal["shuffled", "heuristic", "enumeration"] = Field(
+        "shuffled",
+        description="order of the kept candidates when a node is expanded: shuffled (the reference), heuristic "
+        "(best first) or enumeration (pairs and moves in a fixed order: the same beam, written in an order a "
+        "small model can follow without repeating or skipping a move)",
+    )
 
     @model_validator(mode="after")
     def _beams(self) -> SolverConfig:
@@ -79,8 +85,9 @@ class Node:
     nums_text: str = ""  # fmt_nums(nums), formatted once: it appears in up to four lines per node
 
 
-def _children(node: Node, target: int, beam: int, rng: random.Random) -> list[Node]:
-    """Expand over all pairs and moves, keep the `beam` best (stable sort), shuffle (reference order).
+def _children(node: Node, target: int, beam: int, order: str, rng: random.Random) -> list[Node]:
+    """Expand over all pairs and moves, keep the `beam` best (stable sort), then put them in `order`
+    (SolverConfig.expand_order; the reference shuffles).
 
     The heuristic is a sum over numbers, so a child's is its parent's minus the two operands' terms plus
     the result's; only the kept candidates become Nodes.
@@ -90,14 +97,18 @@ def _children(node: Node, target: int, beam: int, rng: random.Random) -> list[No
     for i, j in itertools.combinations(range(len(nums)), 2):
         base = node.heuristic - _factor_distance(nums[i], target) - _factor_distance(nums[j], target)
         for value, op in moves(nums[i], nums[j]):
-            candidates.append((base + _factor_distance(value, target), i, j, value, op))
+            candidates.append((base + _factor_distance(value, target), len(candidates), i, j, value, op))
     candidates.sort(key=lambda c: c[0])
+    kept = candidates[:beam]
+    if order == "enumeration":
+        kept.sort(key=lambda c: c[1])
     out = []
-    for h, i, j, value, op in candidates[:beam]:
+    for h, _, i, j, value, op in kept:
         rest = tuple(nums[k] for k in range(len(nums)) if k != i and k != j)
         new = rest + (value,)
         out.append(Node(new, node.ops + (op,), h, node, "", T.fmt_nums(new)))
-    rng.shuffle(out)
+    if order == "shuffled":
+        rng.shuffle(out)
     return out
 
 
@@ -122,10 +133,11 @@ def path_to_goal(goal: Node, start: Node, target: int) -> str:
     return "".join(parts)
 
 
-def _expand_into(out: list[str], node: Node, target: int, beam: int, rng: random.Random) -> tuple[Node | None, list[Node]]:
+def _expand_into(out: list[str], node: Node, target: int, beam: int, order: str,
+                 rng: random.Random) -> tuple[Node | None, list[Node]]:
     """Write one node's expansion lines; return (goal node if found, numbered non-terminal children)."""
     numbered: list[Node] = []
-    for child in _children(node, target, beam, rng):
+    for child in _children(node, target, beam, order, rng):
         child.idx = f"{node.idx},{len(numbered)}"
         op = child.ops[-1]
         # inlined T.exploring_line / T.generated_line with the pre-formatted numbers (hot loop)
@@ -146,14 +158,14 @@ def _expand_into(out: list[str], node: Node, target: int, beam: int, rng: random
 
 
 def _sosp_search(out: list[str], start: Node, root: Node, target: int, beam: int, promising: float,
-                 level: int, rng: random.Random) -> bool:
+                 order: str, level: int, rng: random.Random) -> bool:
     counter = itertools.count()
     open_set = [(start.heuristic, next(counter), start)]
     while open_set:
         current = [heapq.heappop(open_set)[2] for _ in range(min(beam, len(open_set)))]
         for pos, node in enumerate(current):
             out.append(T.state_line(target, node.nums, node.ops))
-            goal, numbered = _expand_into(out, node, target, beam, rng)
+            goal, numbered = _expand_into(out, node, target, beam, order, rng)
             if goal is not None:
                 out.append(path_to_goal(goal, root, target))
                 return True
@@ -161,7 +173,7 @@ def _sosp_search(out: list[str], start: Node, root: Node, target: int, beam: int
             for child in numbered:
                 if dive:
                     out.append(f"Start Sub Search at level {level + 1}: Moving to Node #{child.idx}\n")
-                    found = _sosp_search(out, child, root, target, beam, promising, level + 1, rng)
+                    found = _sosp_search(out, child, root, target, beam, promising, order, level + 1, rng)
                     out.append(f"Exit Sub Search at level {level + 1}\n")
                     if found:
                         return True
@@ -185,7 +197,7 @@ def solve_sosp(problem: Problem, cfg: SolverConfig, rng: random.Random) -> tuple
     beam = rng.randint(1, cfg.sosp_max_beam)
     root = Node(tuple(problem.nums), (), mult_heuristic(tuple(problem.nums), problem.target), None, "0")
     out: list[str] = []
-    found = _sosp_search(out, root, root, problem.target, beam, cfg.sosp_promising, 0, rng)
+    found = _sosp_search(out, root, root, problem.target, beam, cfg.sosp_promising, cfg.expand_order, 0, rng)
     return "".join(out), found
 
 
@@ -216,7 +228,7 @@ def _apr_search(start: Node, target: int, beam: int, sub_beam: int, cfg: SolverC
         current = [heapq.heappop(open_set)[2] for _ in range(min(beam, len(open_set)))]
         for pos, node in enumerate(current):
             out.append(T.state_line(target, node.nums, node.ops))
-            goal, numbered = _expand_into(out, node, target, beam, rng)
+            goal, numbered = _expand_into(out, node, target, beam, cfg.expand_order, rng)
             if goal is not None:
                 out.append(path_to_goal(goal, start, target))
                 demo.segments.append("".join(out))

@@ -263,3 +263,45 @@ def test_generated_spawn_order_lists_children_as_generated():
                 assert last == sorted(last) and len(set(ids)) == len(ids), ids
                 blocks += 1
     assert blocks > 10
+
+
+def _explored_ops(segment: str) -> list[str]:
+    """The operations of the first node expanded in a thread segment (up to its first non-exploring line)."""
+    ops = []
+    for line in segment.splitlines()[2:]:  # "Moving to Node", "Current State"
+        match = re.match(r"Exploring Operation: (\S+), Resulting Numbers", line)
+        if match:
+            ops.append(match.group(1))
+        elif not (line.startswith("Generated Node") or re.fullmatch(r"\d+,\d+ (un)?equal: .*", line)):
+            break
+    return ops
+
+
+@pytest.mark.parametrize("order", ["heuristic", "enumeration"])
+def test_expand_order_writes_the_same_beam_in_a_fixed_order(order):
+    from apr_ray.countdown.problems import moves
+
+    problem = Problem(24, (3, 7, 11))
+    nums = problem.nums
+    enumeration = [op for i in range(3) for j in range(i + 1, 3) for _, op in moves(nums[i], nums[j])]
+    for seed in range(30):
+        ordered = solve_apr(problem, SolverConfig(expand_order=order), random.Random(seed)).segments[0]
+        shuffled = solve_apr(problem, SolverConfig(), random.Random(seed)).segments[0]
+        ops, reference_ops = _explored_ops(ordered), _explored_ops(shuffled)
+        assert ops and len(set(ops)) == len(ops)
+        if "Goal Reached" not in ordered and "Goal Reached" not in shuffled:
+            assert sorted(ops) == sorted(reference_ops)  # the same beam, only the order differs
+        if order == "enumeration":
+            assert ops == sorted(ops, key=enumeration.index)
+        else:
+            values = [mult_heuristic(tuple(n for k, n in enumerate(nums) if k not in pair) + (v,), 24)
+                      for v, pair in (_result(op, nums) for op in ops)]
+            assert values == sorted(values)
+
+
+def _result(op: str, nums: tuple[int, ...]) -> tuple[int, tuple[int, int]]:
+    lhs, value = op.split("=")
+    a, b = map(int, re.split(r"[+\-*/]", lhs))
+    i = nums.index(a)
+    j = next(k for k, n in enumerate(nums) if n == b and k != i)
+    return int(value), (i, j)
