@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from apr_ray.config import ConfigError, RunConfig, dump_config, load_config
+from apr_ray.config import ConfigError, RunConfig, check_overrides_used, dump_config, load_config
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -29,37 +29,40 @@ def _ray_init() -> None:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_overrides_used("config show", args.overrides)
     print(dump_config(cfg), end="")
     return 0
 
 
-def _default_model(cfg: RunConfig, stages: tuple[str, ...]) -> Path | None:
-    """The model a stage starts from when --model is not given: the latest stage's export."""
+def _default_model(cfg: RunConfig, command: str) -> Path | None:
+    """The model `apr-ray grpo|eval` starts from when --model is not given: the latest stage's export."""
     from apr_ray.workspace import Workspace
 
     ws = Workspace(cfg.output_dir)
-    order = ["grpo", "sft"] if "eval" in stages and "grpo" not in stages else ["sft"]
-    for stage in order:
+    for stage in ["grpo", "sft"] if command == "eval" else ["sft"]:
         if (ws.model(stage) / "config.json").is_file():
             return ws.model(stage)
-    if "eval" in stages and "grpo" not in stages:
+    if command == "eval":
         raise FileNotFoundError(f"no trained model under {cfg.output_dir} (looked for grpo/model and sft/model); "
                                 "pass --model DIR or run `apr-ray run` first")
     return None
 
 
 def _run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
+    """Every stage command writes (or reuses) the data it needs first: `data` always leads `stages`."""
     from apr_ray.pipeline import Pipeline, summary_table
 
     cfg = load_config(args.config, args.overrides)
+    check_overrides_used(args.command, args.overrides)
     model = getattr(args, "model", None)
     if model is not None and not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(f"--model {model}: not a model directory (no config.json)")
-    if model is None and stages[0] != "data":
-        model = _default_model(cfg, stages)
+    if args.command in ("grpo", "eval"):
+        model = model or _default_model(cfg, args.command)
         if model is None:
             print(f"note: no SFT model under {cfg.output_dir} (sft/model): GRPO starts from the untrained initial "
                   "model; pass --model DIR or run `apr-ray sft` first")
+        check_overrides_used(args.command, args.overrides, model=model)
     print(f"apr-ray {args.command}: preset {cfg.name}, stages {' → '.join(stages)}, output {cfg.output_dir}")
     pipeline = Pipeline(cfg, progress=not args.no_progress)
     report = pipeline.run(stages, model_dir=Path(model) if model else None)
@@ -76,17 +79,18 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
-    return _run_stages(args, ("grpo",))
+    return _run_stages(args, ("data", "grpo"))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    return _run_stages(args, ("eval",))
+    return _run_stages(args, ("data", "eval"))
 
 
 def cmd_data_problems(args: argparse.Namespace) -> int:
     from apr_ray import data
 
     cfg = load_config(args.config, args.overrides)
+    check_overrides_used("data problems", args.overrides)
     _ray_init()
     summary = data.generate_problem_data(args.out, cfg.data.split_sizes(), seed=cfg.seed, problem=cfg.data.problems,
                                          workers=cfg.data.num_workers, overwrite=args.overwrite,
@@ -100,6 +104,7 @@ def cmd_data_demos(args: argparse.Namespace) -> int:
     from apr_ray.tokenizer import build_tokenizer
 
     cfg = load_config(args.config, args.overrides)
+    check_overrides_used("data demos", args.overrides)
     if not args.problems.exists():
         raise FileNotFoundError(f"--problems {args.problems}: no such problems dataset (write one with `apr-ray data problems`)")
     _ray_init()
@@ -115,6 +120,7 @@ def cmd_data_import_apr(args: argparse.Namespace) -> int:
     from apr_ray.tokenizer import build_tokenizer
 
     cfg = load_config(args.config, args.overrides)
+    check_overrides_used("data import-apr", args.overrides)
     summary = data.import_apr(args.file, args.out, build_tokenizer(), kind=args.kind, fmt=cfg.data.demos.format,
                               limit=args.limit, overwrite=args.overwrite, progress=not args.no_progress)
     print(summary.report())
@@ -136,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (
         ("run", cmd_run, "the whole job: data → SFT → GRPO → test evaluation, tracked in MLflow"),
         ("sft", cmd_sft, "data (reused when present) and SFT on the demonstrations"),
-        ("grpo", cmd_grpo, "GRPO from --model (default: output_dir/sft/model)"),
-        ("eval", cmd_eval, "evaluate --model (default: the latest trained model) on the test split"),
+        ("grpo", cmd_grpo, "data (reused when present) and GRPO from --model (default: output_dir/sft/model)"),
+        ("eval", cmd_eval, "data (reused when present) and evaluation of --model (default: the latest trained "
+                           "model) on eval.split (val; --set eval.split=test for the held-out split)"),
     ):
         stage = sub.add_parser(name, help=text)
         _add_config_args(stage)

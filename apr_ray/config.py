@@ -343,6 +343,77 @@ def _merge(base: Any, override: Any) -> Any:
     return override
 
 
+# What each command leaves unused, as (key prefix, why); the longest matching prefix decides, and a None
+# reason marks a key inside an unused section that the command does use. A `--set` of an unused key is an
+# error (`check_overrides_used`): a setting the command would silently ignore is a setting the user thinks
+# is in force. Presets and YAML files are shared by all commands, so only --set is checked.
+_NO_GRPO = "it runs no GRPO (`apr-ray grpo` and `apr-ray run` do)"
+_NO_SFT = "it runs no SFT (`apr-ray sft` and `apr-ray run` do)"
+_EVAL_SAMPLING = ("how GRPO's training rollouts sample; evaluations sample with eval.sampling "
+                  "(--set eval.sampling.temperature=...)")
+UNUSED_BY_COMMAND: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "run": (),
+    "config show": (),
+    "sft": (("grpo", _NO_GRPO), ("rollout.runtime.sampling", _EVAL_SAMPLING)),
+    "grpo": (("sft", _NO_SFT),),
+    "eval": (("sft", _NO_SFT), ("grpo", _NO_GRPO), ("learners", "it trains nothing"),
+             ("rollout.runtime.sampling", _EVAL_SAMPLING)),
+    "plain": (
+        ("grpo", "the plain script runs SFT and evaluation only"),
+        ("tracking", "the plain script writes metrics to output_dir/metrics.jsonl, not to MLflow"),
+        ("learners", "the plain script trains in its own process (sft.learner.torch_threads sets its threads)"),
+        ("data.num_workers", "the plain script writes data with --workers processes"),
+        ("rollout.backend", "the plain script evaluates with the transformers engine"),
+        ("rollout.engine", "the plain script has no vLLM engine"),
+        ("rollout.engine.max_num_seqs", None),  # the transformers engine's batch
+        ("rollout.pool", "the plain script has no generator actors"),
+        ("rollout.pool.max_concurrent_trees", None),
+        ("rollout.runtime.sampling", _EVAL_SAMPLING),
+    ),
+    "data problems": (
+        ("", "`apr-ray data problems` reads only seed, data.problems, data.*_problems and data.num_workers "
+             "(it writes to --out)"),
+        ("seed", None), ("data.problems", None), ("data.train_problems", None), ("data.val_problems", None),
+        ("data.test_problems", None), ("data.num_workers", None),
+    ),
+    "data demos": (
+        ("", "`apr-ray data demos` reads only data.demos and data.num_workers (it writes to --out)"),
+        ("data.demos", None), ("data.num_workers", None),
+    ),
+    "data import-apr": (
+        ("", "`apr-ray data import-apr` reads only data.demos.format (the kind is --kind, the output --out)"),
+        ("data.demos.format", None),
+    ),
+}
+MODEL_FROM_DIRECTORY = "{command} starts from the model directory {model}, whose config.json fixes the shape"
+
+
+def unused_reason(command: str, key: str) -> str | None:
+    """Why `command` does not use the config key `key` (dotted), or None when it does."""
+    if command not in UNUSED_BY_COMMAND:
+        raise ValueError(f"unknown command {command!r}; expected one of {sorted(UNUSED_BY_COMMAND)}")
+    best: tuple[int, str | None] = (-1, None)
+    for prefix, reason in UNUSED_BY_COMMAND[command]:
+        if (not prefix or key == prefix or key.startswith(prefix + ".")) and len(prefix) > best[0]:
+            best = (len(prefix), reason)
+    return best[1]
+
+
+def check_overrides_used(command: str, overrides: list[str] | None, model: Path | str | None = None) -> None:
+    """Refuse a `--set` that `command` would ignore, naming the key and why. With `model` (the directory the
+    command starts from), model.* is unused too."""
+    problems = []
+    for item in overrides or []:
+        key, _ = parse_override(item)
+        reason = unused_reason(command, key)
+        if reason is None and model is not None and (key == "model" or key.startswith("model.")):
+            reason = MODEL_FROM_DIRECTORY.format(command=command, model=model)
+        if reason is not None:
+            problems.append(f"--set {item}: `{command}` does not use {key}: {reason}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML (logged with every run)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -46,37 +46,15 @@ def ray_init(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
 
 
-def _data_settings(cfg: RunConfig) -> dict:
-    return {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json")}
-
-
-def check_data_settings(cfg: RunConfig, ws: Workspace) -> None:
-    """Refuse a workspace whose data was written with other data settings (before anything starts)."""
-    import yaml
-
-    root, record = ws.root / "data", ws.root / "data" / "config.yaml"
-    if has_parquet(ws.problems) or has_parquet(ws.demos(cfg.data.demos.kind)):
-        previous = yaml.safe_load(record.read_text()) if record.is_file() else None
-        if previous != _data_settings(cfg):
-            raise ConfigError(
-                f"{root} holds data written with other data settings (see {record}); "
-                f"choose another output_dir (--set output_dir=...) or delete {root}"
-            )
-
-
-def data_stage(cfg: RunConfig, ws: Workspace, progress: bool = True) -> Path:
-    """Problems and demonstrations for `cfg` in the workspace, reused when a previous run wrote them with
-    the same data settings (kept in data/config.yaml); refused when the settings differ, so a changed
-    config never trains on stale data. Returns the demos directory."""
-    import yaml
-
+def data_stage(cfg: RunConfig, ws: Workspace, progress: bool = True, demos: bool = True) -> None:
+    """Problems (and, with `demos`, the demonstrations) for `cfg` in the workspace, reused when a previous
+    command wrote them with the same data settings (data/config.yaml, `Workspace.check_data_settings`)."""
     from apr_ray import data
     from apr_ray.tokenizer import build_tokenizer
 
-    root, demos_dir = ws.root / "data", ws.demos(cfg.data.demos.kind)
-    check_data_settings(cfg, ws)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text(yaml.safe_dump(_data_settings(cfg), sort_keys=False))
+    demos_dir = ws.demos(cfg.data.demos.kind)
+    ws.check_data_settings(cfg)
+    ws.record_data_settings(cfg)
     ray_init()
     if not has_parquet(ws.problems):
         summary = data.generate_problem_data(ws.problems, cfg.data.split_sizes(), seed=cfg.seed,
@@ -85,13 +63,14 @@ def data_stage(cfg: RunConfig, ws: Workspace, progress: bool = True) -> Path:
         print(summary.report())
     else:
         print(f"problems: reusing {ws.problems} ({data.count_problems(ws.problems)})")
+    if not demos:
+        return
     if not has_parquet(demos_dir):
         summary = data.generate_demos(ws.problems, demos_dir, split="train", config=cfg.data.demos,
                                       tokenizer=build_tokenizer(), workers=cfg.data.num_workers, progress=progress)
         print(summary.report())
     else:
         print(f"demos: reusing {demos_dir}\n{data.summarize_demos(demos_dir, cfg.data.demos.kind).report()}")
-    return demos_dir
 
 
 def make_evaluator(cfg: RunConfig, ws: Workspace, split: str | None = None) -> Evaluator:
@@ -128,7 +107,7 @@ class Pipeline:
 
         self.cfg, self.progress = cfg, progress
         self.ws = Workspace(cfg.output_dir)
-        check_data_settings(cfg, self.ws)  # a refused workspace leaves no MLflow run behind
+        self.ws.check_data_settings(cfg)  # a refused workspace leaves no MLflow run behind
         self.ws.root.mkdir(parents=True, exist_ok=True)
         (self.ws.root / "config.yaml").write_text(dump_config(cfg))
         self.tracker = make_tracker(cfg.tracking, self.ws.root.resolve(), cfg.name,
@@ -301,26 +280,28 @@ class Pipeline:
     def _pool(self) -> Any:
         return self._pool_future.result()
 
-    def evaluate_on_pool(self) -> EvalResult:
-        evaluator = make_evaluator(self.cfg, self.ws, split="test")
+    def evaluate_on_pool(self, split: str = "test") -> EvalResult:
+        """Evaluate the pool's model on `split`: the job's closing test evaluation, or `apr-ray eval`'s."""
+        evaluator = make_evaluator(self.cfg, self.ws, split=split)
         tracker = self.tracker.child("eval")
         start = time.perf_counter()
         result = evaluator.run_pool(self._pool())
-        tracker.log_metrics({f"test/{k}": v for k, v in result.metrics.items()}, 0)
-        self.tracker.log_metrics({f"test/{k}": v for k, v in result.metrics.items()}, 0)
-        self._log_eval_artifacts(tracker, "test", result, evaluator.decode)
+        tracker.log_metrics({f"{split}/{k}": v for k, v in result.metrics.items()}, 0)
+        self.tracker.log_metrics({f"{split}/{k}": v for k, v in result.metrics.items()}, 0)
+        self._log_eval_artifacts(tracker, split, result, evaluator.decode)
         tracker.end()
-        self.report.evaluations["test"] = result.metrics
+        self.report.evaluations[split] = result.metrics
         self.report.stage_s["eval"] = time.perf_counter() - start
-        print(f"[test] {result.line()}", flush=True)
+        print(f"[{split}] {result.line()}", flush=True)
         return result
 
     def evaluate_model_dir(self, model_dir: Path) -> EvalResult:
-        """Evaluate `model_dir` on the test split."""
-        make_evaluator(self.cfg, self.ws, split="test")  # a missing dataset fails before any engine starts
+        """Evaluate `model_dir` on eval.split (`apr-ray eval`)."""
+        split = self.cfg.eval.split
+        make_evaluator(self.cfg, self.ws, split=split)  # a missing dataset fails before any engine starts
         if self._pool_future is None:
             self._start_pool(model_dir)
-        return self.evaluate_on_pool()
+        return self.evaluate_on_pool(split)
 
     # ------------------------------------------------------------------ the whole job
 
@@ -330,7 +311,7 @@ class Pipeline:
         try:
             if "data" in stages:
                 start = time.perf_counter()
-                data_stage(self.cfg, self.ws, self.progress)
+                data_stage(self.cfg, self.ws, self.progress, demos="sft" in stages)
                 self.report.stage_s["data"] = time.perf_counter() - start
             ray_init()
             model = model_dir or ensure_init_model(self.cfg, self.ws)

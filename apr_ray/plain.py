@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from apr_ray.config import ConfigError, RunConfig, dump_config, load_config
+from apr_ray.config import ConfigError, RunConfig, check_overrides_used, dump_config, load_config
 from apr_ray.data import has_parquet
 from apr_ray.workspace import Workspace, ensure_init_model
 
@@ -29,6 +29,8 @@ def local_data(cfg: RunConfig, ws: Workspace, workers: int) -> Path:
     from apr_ray import data
     from apr_ray.tokenizer import build_tokenizer
 
+    ws.check_data_settings(cfg)
+    ws.record_data_settings(cfg)
     if not has_parquet(ws.problems):
         summary = data.generate_problem_data_local(ws.problems, cfg.data.split_sizes(), seed=cfg.seed,
                                                    problem=cfg.data.problems, workers=workers, overwrite=True)
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_overrides_used("plain", args.overrides, model=args.model)
         if args.model is not None and not (args.model / "config.json").is_file():
             raise FileNotFoundError(f"--model {args.model}: not a model directory (no config.json)")
         summary = run(cfg, args.workers, progress=not args.no_progress, model=args.model)

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from apr_ray.config import RunConfig
+from apr_ray.config import ConfigError, RunConfig
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,37 @@ class Workspace:
 
     def demos(self, kind: str) -> Path:
         return self.root / "data" / f"demos-{kind}"
+
+    @property
+    def data_record(self) -> Path:
+        """The settings the data was written with (every entry point writes and checks it)."""
+        return self.root / "data" / "config.yaml"
+
+    def check_data_settings(self, cfg: RunConfig) -> None:
+        """Refuse data written with other data settings, naming each setting that differs, so a changed
+        config never trains or evaluates on stale data. Raises ConfigError before anything starts."""
+        import yaml
+
+        written = [d for d in (self.problems, self.demos(cfg.data.demos.kind)) if _has_parquet(d)]
+        if not written:
+            return
+        hint = (f"choose another output_dir (--set output_dir=...), set these back, or delete {self.root / 'data'}")
+        if not self.data_record.is_file():
+            raise ConfigError(f"{self.root / 'data'} holds data ({written[0].name}) but no record of the settings it "
+                              f"was written with ({self.data_record} is missing); {hint}")
+        previous = _flatten(yaml.safe_load(self.data_record.read_text()) or {})
+        wanted = _flatten(data_settings(cfg))
+        differ = [f"{key}: {previous.get(key, '(not set)')!r} there, {wanted.get(key, '(not set)')!r} here"
+                  for key in sorted(previous.keys() | wanted.keys()) if previous.get(key) != wanted.get(key)]
+        if differ:
+            raise ConfigError(f"{self.root / 'data'} holds data written with other data settings (see "
+                              f"{self.data_record}): {'; '.join(differ)}; {hint}")
+
+    def record_data_settings(self, cfg: RunConfig) -> None:
+        import yaml
+
+        self.data_record.parent.mkdir(parents=True, exist_ok=True)
+        self.data_record.write_text(yaml.safe_dump(data_settings(cfg), sort_keys=False))
 
     @property
     def init_model(self) -> Path:
@@ -60,6 +91,26 @@ class Workspace:
         self.root.mkdir(parents=True, exist_ok=True)
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def data_settings(cfg: RunConfig) -> dict:
+    """What the problems and demonstrations depend on: the run's seed and its data section (but not how many
+    workers write them: the same settings give the same rows with any number)."""
+    return {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json", exclude={"num_workers"})}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _has_parquet(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.rglob("*.parquet"))
 
 
 def ensure_init_model(cfg: RunConfig, ws: Workspace) -> Path:
