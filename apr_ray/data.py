@@ -678,9 +678,12 @@ def _prepare_output(out_dir: str | Path, overwrite: bool) -> Path:
 
 
 def _progress(enabled: bool) -> None:
+    """Ray Data's bars on a terminal only: without one it logs a progress dump every few seconds instead."""
+    import sys
+
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = enabled
+    DataContext.get_current().enable_progress_bars = enabled and sys.stdout.isatty()
 
 
 def generate_problem_data(

@@ -35,6 +35,8 @@ def ray_init(num_cpus: int | None = None) -> None:
 
     import ray
 
+    from apr_ray.console import reroute
+
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -44,6 +46,9 @@ def ray_init(num_cpus: int | None = None) -> None:
         # actors hold theirs, or a 2-core machine deadlocks with both cores reserved by actors.
         cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    import ray.data  # noqa: F401  (configures its loggers on import: route them with the rest)
+
+    reroute()
 
 
 def data_stage(cfg: RunConfig, ws: Workspace, progress: bool = True, demos: bool = True) -> None:
@@ -109,6 +114,13 @@ class Pipeline:
         self.ws = Workspace(cfg.output_dir)
         self.ws.check_data_settings(cfg)  # a refused workspace leaves no MLflow run behind
         self.ws.root.mkdir(parents=True, exist_ok=True)
+        import ray  # noqa: F401  (sets up its loggers on import: route them after that)
+
+        from apr_ray.console import route_third_party_logs
+
+        if route_third_party_logs(self.ws.log_file):
+            print(f"library logs and warnings (Ray, Ray Data, transformers, DeepSpeed, MLflow): {self.ws.log_file}",
+                  flush=True)
         (self.ws.root / "config.yaml").write_text(dump_config(cfg))
         self.tracker = make_tracker(cfg.tracking, self.ws.root.resolve(), cfg.name,
                                     params=flatten(cfg.model_dump(mode="json")))

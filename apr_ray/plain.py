@@ -54,6 +54,10 @@ def run(cfg: RunConfig, workers: int, progress: bool = True, model: Path | None 
     ws = Workspace(cfg.output_dir)
     ws.root.mkdir(parents=True, exist_ok=True)
     (ws.root / "config.yaml").write_text(dump_config(cfg))
+    from apr_ray.console import route_third_party_logs
+
+    if route_third_party_logs(ws.log_file):
+        print(f"library logs and warnings (transformers, DeepSpeed): {ws.log_file}", flush=True)
     t0 = time.perf_counter()
     demos = local_data(cfg, ws, workers)
     model_dir = model or ensure_init_model(cfg, ws)

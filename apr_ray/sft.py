@@ -99,14 +99,14 @@ def run_sft(
     metrics, logged by the caller). Ctrl-C stops after the step in flight (see `stop_on_interrupt`): the
     steps since the last log are logged, the caller's `checkpoint` runs as at the end, and the result says
     `interrupted`."""
-    from tqdm import tqdm
+    from apr_ray.console import StepProgress
 
     t0 = time.perf_counter()
     result = SFTResult(steps=start_step, tokens=0, wall_s=0.0, train_s=0.0, eval_s=0.0)
     window: list[dict[str, float]] = []
-    # disable=None: bars on a terminal only, so logs do not fill with carriage-return updates
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="sft", unit="step", disable=None if progress else True,
-               dynamic_ncols=True)
+    # A bar on a terminal; elsewhere about 20 lines a stage (never more often than the metrics are logged).
+    bar = StepProgress(cfg.steps, "sft", enabled=progress, initial=start_step,
+                       every=max(cfg.log_every, cfg.steps // 20))
     with stop_on_interrupt("sft") as stop_requested:
         try:
             for step in range(start_step + 1, cfg.steps + 1):
@@ -119,8 +119,7 @@ def run_sft(
                 result.train_s += time.perf_counter() - t_step
                 result.steps, result.tokens, result.last = step, result.tokens + int(metrics["tokens"]), metrics
                 window.append(metrics)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                bar.update(1, loss=f"{metrics['loss']:.3f}")
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     log(_window_metrics(window, time.perf_counter() - t0, result), step)
                     window = []

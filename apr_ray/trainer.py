@@ -126,7 +126,7 @@ class GRPOTrainer:
     def run(self, evaluate_first: bool = False) -> GRPOResult:
         """The GRPO steps; `evaluate_first`: evaluate the starting model at step 0 (the baseline the
         steps are measured against, when no SFT evaluation of the same weights precedes them)."""
-        from tqdm import tqdm
+        from apr_ray.console import StepProgress
 
         g = self.cfg.grpo
         result = GRPOResult()
@@ -134,14 +134,13 @@ class GRPOTrainer:
         if evaluate_first and g.steps:
             self._timed_eval(0, result)
         problems = problem_stream(self.problems_dir, g.problems_per_step, self.cfg.seed)
-        bar = tqdm(total=g.steps, desc="grpo", unit="step", disable=None if self.progress else True, dynamic_ncols=True)
+        bar = StepProgress(g.steps, "grpo", enabled=self.progress, every=max(1, g.steps // 20))
         with stop_on_interrupt("grpo") as stop_requested:
             try:
                 for step in range(1, g.steps + 1):
                     metrics = self._step(step, problems, result)
                     result.steps = step
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{metrics['grpo/reward_mean']:.3f}", acc=f"{metrics['grpo/accuracy']:.2f}")
+                    bar.update(1, reward=f"{metrics['grpo/reward_mean']:.3f}", acc=f"{metrics['grpo/accuracy']:.2f}")
                     if stop_requested():
                         result.interrupted = True
                         break

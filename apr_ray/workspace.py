@@ -8,6 +8,7 @@
       grpo/checkpoints, grpo/model
       eval/                       evaluation trees (JSON + HTML) and plots
       metrics.jsonl               every logged metric (the plain script's record; MLflow holds them too)
+      job.log                     the libraries' log records and warnings, when run without a terminal
 
 Owns the layout and the initial model; imports neither Ray nor MLflow.
 """
@@ -77,6 +78,11 @@ class Workspace:
     @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def log_file(self) -> Path:
+        """The libraries' log records when the job runs without a terminal (apr_ray.console)."""
+        return self.root / "job.log"
 
     @property
     def metrics_file(self) -> Path:
