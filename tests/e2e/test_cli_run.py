@@ -267,3 +267,23 @@ def test_eval_without_a_trained_model_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--set", f"output_dir={out}", "--set", "tracking.enabled=false"]) == 2
     err = capsys.readouterr().err
     assert "no trained model" in err and str(out) in err
+
+
+THIRD_PARTY_LINES = ("logging_progress", "Running Dataset", "Writing model shards", "Loading weights",
+                     "Setting accelerator", "Token authentication", "Started a local Ray instance", "UserWarning")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_piped_output_is_the_jobs_own_progress_and_summary(job):
+    """The job's output went to a pipe (no terminal): its own lines only, the libraries' in job.log."""
+    proc, out = job["proc"], job["out"]
+    printed = proc.stdout + proc.stderr
+    for chatter in THIRD_PARTY_LINES:
+        assert chatter not in printed, chatter
+    assert "\r" not in printed  # no carriage-return progress bars
+    assert f"sft: step {SFT_STEPS}/{SFT_STEPS} (100%)" in proc.stdout
+    assert f"grpo: step {GRPO_STEPS}/{GRPO_STEPS} (100%)" in proc.stdout
+    assert "step/s" in proc.stdout and "ETA" in proc.stdout
+    assert str(out / "job.log") in proc.stdout and (out / "job.log").stat().st_size > 0
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("MLflow:")  # the summary closes the output
