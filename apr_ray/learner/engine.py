@@ -65,6 +65,11 @@ def _use_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _name_accelerator() -> None:
+    """Named, DeepSpeed does not probe for an accelerator and warn that it fell back to the CPU."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _use_cuda() else "cpu")
+
+
 def _forget_stale_deepspeed_groups() -> None:
     """DeepSpeed caches a clone of the world group in a module global. When the process group it came
     from is gone (an in-process vLLM engine shut its group down, a previous learner's group was
@@ -83,6 +88,7 @@ def init_process_group(dist: DistInfo, timeout_s: int = 1800) -> None:
 
     The env vars are set here because DeepSpeed otherwise tries MPI discovery (mpi4py).
     """
+    _name_accelerator()
     import deepspeed
     import torch.distributed as td
 
@@ -172,6 +178,7 @@ class Learner:
     """
 
     def __init__(self, cfg: LearnerConfig, model_dir: str | Path, dist: DistInfo | None = None) -> None:
+        _name_accelerator()
         import deepspeed
         from transformers import AutoConfig
 
