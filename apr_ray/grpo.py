@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from apr_ray.learner.config import GRPOConfig
-from apr_ray.types import TrainSequence, TreeRecord
+from apr_ray.types import EndReason, TrainSequence, TreeRecord
 
 
 # ---------------------------------------------------------------- advantages and broadcast
@@ -51,26 +51,45 @@ def _groups(rewards: Sequence[float], group_size: int) -> list[list[float]]:
 
 
 def group_advantages(
-    rewards: Sequence[float], group_size: int, normalize_std: bool = False, eps: float = 1e-6
+    rewards: Sequence[float], group_size: int, normalize_std: bool = False, eps: float = 1e-6,
+    valid: Sequence[bool] | None = None,
 ) -> list[float]:
-    """A = r - mean(group), optionally / (population std + eps). Consecutive rewards form a group."""
+    """A = r - mean(group), optionally / (population std + eps). Consecutive rewards form a group.
+
+    `valid[i]` False leaves tree i out of its group (its advantage is 0, its reward is not in the mean):
+    a tree that a fault ended (`faulted`) says nothing about the policy."""
+    if valid is not None and len(valid) != len(rewards):
+        raise ValueError(f"{len(rewards)} rewards but {len(valid)} valid flags")
     out: list[float] = []
-    for group in _groups(rewards, group_size):
-        if max(group) == min(group):  # exact zeros, not float residue of r - mean
+    for g, group in enumerate(_groups(rewards, group_size)):
+        ok = [True] * group_size if valid is None else list(valid[g * group_size : (g + 1) * group_size])
+        kept = [r for r, v in zip(group, ok) if v]
+        if len(kept) < 2 or max(kept) == min(kept):  # exact zeros, not float residue of r - mean
             out.extend([0.0] * group_size)
             continue
-        mean = sum(group) / group_size
-        centred = [r - mean for r in group]
+        mean = sum(kept) / len(kept)
+        centred = [r - mean if v else 0.0 for r, v in zip(group, ok)]
         if normalize_std:
-            std = math.sqrt(sum(c * c for c in centred) / group_size)
+            std = math.sqrt(sum((r - mean) ** 2 for r in kept) / len(kept))
             centred = [c / (std + eps) for c in centred]
         out.extend(centred)
     return out
 
 
-def flat_groups(rewards: Sequence[float], group_size: int) -> list[bool]:
-    """Per tree: True when every reward of its group is equal (nothing to learn from the group)."""
-    return [max(g) == min(g) for g in _groups(rewards, group_size) for _ in g]
+def flat_groups(rewards: Sequence[float], group_size: int, valid: Sequence[bool] | None = None) -> list[bool]:
+    """Per tree: True when its group has nothing to learn from: every valid reward equal, or fewer than two
+    valid trees."""
+    flags: list[bool] = []
+    for g, group in enumerate(_groups(rewards, group_size)):
+        kept = [r for i, r in enumerate(group) if valid is None or valid[g * group_size + i]]
+        flags.extend([len(kept) < 2 or max(kept) == min(kept)] * group_size)
+    return flags
+
+
+def faulted(tree: TreeRecord) -> bool:
+    """Whether a fault outside the model ended one of the tree's requests: the engine failed (ERROR) or the
+    tree's wall-clock limit cancelled it (TIMEOUT, a property of the machine's load, not of the tokens)."""
+    return any(r.end_reason in (EndReason.ERROR, EndReason.TIMEOUT) for r in tree.threads)
 
 
 def trees_to_sequences(
@@ -113,9 +132,15 @@ def trees_to_sequences(
 def prepare_sequences(
     trees: Sequence[TreeRecord], rewards: Sequence[float], cfg: GRPOConfig
 ) -> list[TrainSequence]:
-    """Rewards of consecutive groups of `cfg.group_size` trees -> training sequences."""
-    advantages = group_advantages(rewards, cfg.group_size, cfg.normalize_adv_std, cfg.std_eps)
-    keep = [not f for f in flat_groups(rewards, cfg.group_size)] if cfg.drop_zero_adv_groups else None
+    """Rewards of consecutive groups of `cfg.group_size` trees -> training sequences.
+
+    A faulted tree (`faulted`) is dropped, not its group: the group's other samples are still on-policy
+    samples of the same problem, so they keep their signal against the mean of the healthy ones; a fault
+    scored as a wrong answer would push down the tokens that came before it."""
+    valid = [not faulted(t) for t in trees]
+    advantages = group_advantages(rewards, cfg.group_size, cfg.normalize_adv_std, cfg.std_eps, valid=valid)
+    flat = flat_groups(rewards, cfg.group_size, valid) if cfg.drop_zero_adv_groups else [False] * len(trees)
+    keep = [v and not f for v, f in zip(valid, flat)]
     return trees_to_sequences(trees, advantages, keep)
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from apr_ray.config import RunConfig
 from apr_ray.countdown.problems import Problem
 from apr_ray.evaluation import EvalResult, Evaluator
-from apr_ray.grpo import flat_groups, prepare_sequences
+from apr_ray.grpo import faulted, flat_groups, prepare_sequences
 from apr_ray.rewards import score_tree
 from apr_ray.sft import stop_on_interrupt
 from apr_ray.types import TreeRecord
@@ -182,6 +182,7 @@ class GRPOTrainer:
         lap("rollout")
         rewards = [score_tree(t, g.reward).total for t in trees]  # 3. score
         seqs = prepare_sequences(trees, rewards, g.algorithm)
+        healthy = [not faulted(t) for t in trees]
         lap("score")
         train = self.learner.grpo_step(seqs, g.algorithm) if seqs else {}  # 4. train
         lap("train")
@@ -205,7 +206,9 @@ class GRPOTrainer:
             "grpo/redispatched_requests": float(stats.redispatched),
             "grpo/sequences": float(len(seqs)),
             # groups whose rewards differ: the only ones with a gradient (0 means the update was empty)
-            "grpo/informative_groups": 1.0 - sum(flat_groups(rewards, g.algorithm.group_size)) / max(len(rewards), 1),
+            "grpo/informative_groups": 1.0 - sum(flat_groups(rewards, g.algorithm.group_size, healthy))
+            / max(len(rewards), 1),
+            "grpo/faulted_trees": float(len(trees) - sum(healthy)),
             "grpo/step_s": step_s,
         }
         # Per generator actor: trees served this step and its last weight reload (from the actor itself).

@@ -114,6 +114,37 @@ def test_prepare_sequences_drops_flat_groups_on_request():
     assert len(prepare_sequences(trees, rewards, GRPOConfig(group_size=2))) == 4
 
 
+@pytest.mark.parametrize("fault", [EndReason.ERROR, EndReason.TIMEOUT])
+def test_a_faulted_tree_leaves_its_group_and_the_rest_keep_their_signal(fault):
+    from dataclasses import replace
+
+    healthy = [tree_of(rec(0, [1], [2])) for _ in range(5)]
+    broken = tree_of(rec(0, [1], [2]), replace(rec(1, [3], [4]), end_reason=fault))
+    trees = [healthy[0], broken, healthy[1], healthy[2], healthy[3], broken]
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]  # groups of 3: the broken trees score 0 like wrong answers
+    seqs = prepare_sequences(trees, rewards, GRPOConfig(group_size=3))
+    assert 1 not in {s.tree_index for s in seqs} and 5 not in {s.tree_index for s in seqs}
+    by_tree = {s.tree_index: s.advantage for s in seqs}
+    # group 0: mean of the healthy 1.0 and 0.0, not of all three (which would make tree 0's +0.67)
+    assert by_tree[0] == pytest.approx(0.5) and by_tree[2] == pytest.approx(-0.5)
+    # group 1: the healthy 1.0 and 0.0 again
+    assert by_tree[3] == pytest.approx(0.5) and by_tree[4] == pytest.approx(-0.5)
+
+
+def test_a_group_with_fewer_than_two_healthy_trees_has_no_signal():
+    from dataclasses import replace
+
+    broken = tree_of(replace(rec(0, [1], [2]), end_reason=EndReason.ERROR))
+    ok = tree_of(rec(0, [1], [2]))
+    valid = [True, False, False]
+    assert group_advantages([1.0, 0.0, 0.0], 3, valid=valid) == [0.0, 0.0, 0.0]
+    assert flat_groups([1.0, 0.0, 0.0], 3, valid=valid) == [True] * 3
+    assert prepare_sequences([ok, broken, broken], [1.0, 0.0, 0.0], GRPOConfig(group_size=3)) == [
+        s for s in prepare_sequences([ok], [1.0], GRPOConfig(group_size=1))]  # advantage 0, no other tree
+    assert group_advantages([1.0, 0.0, 0.5, 0.5], 2, normalize_std=True, valid=[True, True, True, False]) == [
+        pytest.approx(1.0, abs=1e-5), pytest.approx(-1.0, abs=1e-5), 0.0, 0.0]
+
+
 def test_duplicating_threads_keeps_the_tree_weight():
     base = tree_of(rec(0, [1, 2], [3, 4]), rec(1, [5], [6]))
     dup = tree_of(*(base.threads * 2))
