@@ -61,6 +61,8 @@ async def _run_trees(generator: Any, batch: dict[str, Any], sampling: SamplingCo
     """`run_trees` on the actor (through the manager's `apply`), an application error as a `_Failed` value."""
     try:
         return await generator.run_trees(batch, sampling)
+    except ray.exceptions.AsyncioActorExit:  # the actor ends itself (its engine died): a death, not a value
+        raise
     except Exception as err:
         return _Failed(f"{type(err).__name__}: {err}", traceback.format_exc())
 

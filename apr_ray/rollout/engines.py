@@ -78,6 +78,12 @@ class Engine(ABC):
         """Decode one request. `sampling.seed` is this request's own seed. `ignore_eos` generates exactly
         `max_new_tokens` (benchmarks). Raises on engine failure; the runtime records it as an error."""
 
+    @property
+    def dead(self) -> bool:
+        """Whether the engine can no longer serve any request (its process died): then every request ends
+        in ERROR, and the actor holding it should be replaced rather than asked again."""
+        return False
+
 
 def request_seed(base: int | None, tree_seed: int, thread_id: int, segment: int) -> int | None:
     """A request's seed from the run's base seed and its place in the tree; None when unseeded."""

@@ -138,6 +138,9 @@ class GeneratorImpl:
         """Liveness probe of RLlib's FaultTolerantActorManager (the pool)."""
         return "pong"
 
+    def engine_dead(self) -> bool:
+        return self.engine is not None and self.engine.dead
+
     async def apply(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         """How RLlib's FaultTolerantActorManager calls an actor: `func(self, ...)`, awaited when it is a
         coroutine. Unlike RLlib's own `FaultAwareApply.apply`, an application error is returned to the
@@ -229,3 +232,14 @@ def _transformers_engine(cfg: GeneratorConfig, tokenizer: Any) -> Engine:
 class Generator(GeneratorImpl):
     """`GeneratorImpl` as an async Ray actor. Give it the CPUs vLLM should use (`num_cpus`): Ray sets the
     actor's OMP threads to that number (shared/notes/stack.md, pitfall 4)."""
+
+    async def run_trees(self, batch: dict[str, Any], sampling: SamplingConfig | None = None) -> list[TreeRecord]:
+        """As `GeneratorImpl.run_trees`; but an actor whose engine died ends itself instead of answering
+        with trees that all ended in ERROR: the pool then sees a dead actor, serves its requests elsewhere
+        and starts a replacement (a live actor with a dead engine would stay broken for the whole run)."""
+        if self.engine_dead():
+            ray.actor.exit_actor()
+        trees = await super().run_trees(batch, sampling)
+        if self.engine_dead():
+            ray.actor.exit_actor()
+        return trees

@@ -138,6 +138,10 @@ class VllmEngine(Engine):
             raise RuntimeError(f"weight reload to version {version}: workers report versions {versions}")
         return version
 
+    @property
+    def dead(self) -> bool:
+        return bool(self.llm.errored)  # the engine core process is gone (EngineDeadError on every request)
+
     def shutdown(self) -> None:
         """Stop the engine core now (not at interpreter exit, where vLLM's own clean-up fails)."""
         llm, self.llm = self.llm, None

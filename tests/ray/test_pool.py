@@ -182,3 +182,35 @@ def test_failing_requests_and_too_many_deaths_end_the_rollout_with_a_pool_error(
         assert pool.restarts == 1
     finally:
         pool.shutdown()
+
+
+class _DeadEngine:
+    """What a vLLM engine whose core process died looks like from the actor: every request raises."""
+
+    dead = True
+    eos_token_id = 2
+
+    async def generate(self, *args, **kwargs):
+        raise RuntimeError("EngineDeadError: EngineCore encountered an issue")
+
+
+def _kill_engine(generator) -> bool:
+    generator.runtime.engine = generator.engine = _DeadEngine()
+    generator._runtimes = {None: generator.runtime}
+    return True
+
+
+def test_an_actor_whose_engine_died_is_replaced_and_no_tree_ends_in_error(ray_cluster, gen_cfg):
+    from apr_ray.types import EndReason
+
+    pool = GeneratorPool(gen_cfg, pool_cfg(num_workers=1))
+    try:
+        pool.rollout(PROBLEMS[:1], group_size=1, seed=SEED)  # the engine is up
+        assert [r.get() for r in pool.manager.foreach_actor(_kill_engine)] == [True]
+        trees, stats = pool.rollout(PROBLEMS[:4], group_size=2, seed=SEED)
+
+        assert stats.replaced == 1 and pool.restarts == 1 and pool.manager.actor_ids() == [1]
+        assert [t.problem_id for t in trees] == [p.problem_id for p in PROBLEMS[:4] for _ in range(2)]
+        assert all(r.end_reason is not EndReason.ERROR for t in trees for r in t.threads)
+    finally:
+        pool.shutdown()
