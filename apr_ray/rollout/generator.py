@@ -139,7 +139,7 @@ class GeneratorImpl:
         return "pong"
 
     def engine_dead(self) -> bool:
-        return self.engine is not None and self.engine.dead
+        return bool(getattr(self.engine, "dead", False))
 
     async def apply(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         """How RLlib's FaultTolerantActorManager calls an actor: `func(self, ...)`, awaited when it is a
