@@ -86,6 +86,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _run_stages(args, ("data", "eval"))
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from apr_ray.submit import address, submit
+
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is sent
+    check_overrides_used(args.stage, args.overrides)
+    return submit(args.stage, args.config, args.overrides, addr=address(args.address), stack=args.stack,
+                  follow=args.follow, name=cfg.name)
+
+
 def cmd_data_problems(args: argparse.Namespace) -> int:
     from apr_ray import data
 
@@ -153,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
             stage.add_argument("--model", type=Path, default=None, help="model directory (HF layout)")
         stage.set_defaults(func=func)
 
+    submit = sub.add_parser("submit", help="run a stage command as a Ray job on a running cluster (Ray Jobs)")
+    _add_config_args(submit)
+    submit.add_argument("--stage", default="run", choices=["run", "sft", "grpo", "eval"],
+                        help="the command the job runs (default: run)")
+    submit.add_argument("--address", default=None, help="the cluster's dashboard address (default: $RAY_ADDRESS)")
+    submit.add_argument("--stack", default="cpu", choices=["cpu", "gpu", "none"],
+                        help="software the job installs: the CPU or CUDA vLLM stack, or none (the image has it)")
+    submit.add_argument("--follow", action="store_true",
+                        help="stream the job's logs and exit with its status (0 succeeded, 1 failed, 130 stopped)")
+    submit.set_defaults(func=cmd_submit)
+
     config = sub.add_parser("config", help="inspect configurations")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser("show", help="print the resolved configuration as YAML")
@@ -192,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
