@@ -69,3 +69,31 @@ def test_bad_configs_and_ignored_keys_fail_before_anything_is_sent(capsys, monke
     assert "`sft` does not use grpo.steps" in capsys.readouterr().err
     assert main(["submit"]) == 2
     assert "no cluster address" in capsys.readouterr().err
+
+
+def test_submit_sh_turns_token_auth_on_and_picks_the_stack(tmp_path):
+    """jobs/submit.sh with a stand-in `ray` that prints what it was given."""
+    import os
+    import subprocess
+
+    from apr_ray.submit import REPO
+
+    fake = tmp_path / "bin" / "ray"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\necho "RAY_AUTH_MODE=${RAY_AUTH_MODE:-}"; printf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("tok")
+    env = {"PATH": f"{fake.parent}:{os.environ['PATH']}", "HOME": str(home), "RAY_ADDRESS": "http://127.0.0.1:8265"}
+    script = str(REPO / "jobs" / "submit.sh")
+    out = subprocess.run(["bash", script, "--set", "sft.steps=5"], env=env | {"STACK": "cpu"}, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[0] == "RAY_AUTH_MODE=token"
+    assert out[1:] == ["job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--runtime-env",
+                       "jobs/runtime_env.cpu.yaml", "--", "python", "-m", "apr_ray.cli", "run", "--no-progress",
+                       "--set", "sft.steps=5"]
+    for stack in ("cpu", "gpu"):
+        assert (REPO / "jobs" / f"runtime_env.{stack}.yaml").is_file()
+    bad = subprocess.run(["bash", script], env=env | {"STACK": "tpu"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "STACK=tpu" in bad.stderr
