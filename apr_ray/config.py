@@ -84,12 +84,26 @@ class PoolConfig(BaseModel):
     groups_per_request: int = Field(4, ge=1, description="problems (each a group of samples) per request to a generator")
     requests_per_worker: int = Field(4, ge=1, description="requests in flight per generator")
     max_restarts: int = Field(10, ge=0, description="replacements of dead generators per stage before the run fails")
+    worker_resource: str = Field(
+        "", description="a custom Ray resource each generator takes one unit of (e.g. 'rollout', offered by the "
+        "rollout worker group of cluster/raycluster.yaml); empty: none")
+    follow_cluster: bool = Field(
+        False, description="between GRPO steps, size the pool to the units of worker_resource the cluster's live "
+        "nodes offer (within [min_workers, max_workers]): a node that joins serves from the next step, a node "
+        "that leaves takes its actors with it and the step completes on the others")
+    scale_up_share: float = Field(
+        0.0, ge=0.0, le=1.0, description="with follow_cluster and an autoscaler: when rollout takes more than "
+        "this share of a step, ask the autoscaler for one more worker_resource unit (up to max_workers); "
+        "below it, withdraw the request. 0: never ask")
 
     @model_validator(mode="after")
     def _range(self) -> PoolConfig:
         if not self.min_workers <= self.num_workers <= self.max_workers:
             raise ValueError(f"need min_workers <= num_workers <= max_workers, got {self.min_workers}, "
                              f"{self.num_workers}, {self.max_workers}")
+        if (self.follow_cluster or self.scale_up_share) and not self.worker_resource:
+            raise ValueError("rollout.pool.follow_cluster / scale_up_share need rollout.pool.worker_resource: the "
+                             "custom resource that says where generators may run (e.g. 'rollout')")
         return self
 
 

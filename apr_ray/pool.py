@@ -14,7 +14,12 @@ Owns who serves which request, and what happens when an actor dies:
 - results are kept per request id, first arrival wins: a request served twice (its actor died after
   answering) is counted once, and a request lost with its actor is served again, so every problem of a
   rollout comes back exactly once;
-- `resize(n)` grows or shrinks the pool within [min_workers, max_workers] between rollouts.
+- `resize(n)` grows or shrinks the pool within [min_workers, max_workers] between rollouts;
+- with `follow_cluster`, `follow_cluster()` (between GRPO steps) sizes the pool to the units of
+  `worker_resource` that the cluster's live nodes offer: a node that joins gets actors (loaded with the
+  current weights before they serve), and a dead actor whose node left is not replaced when no capacity
+  remains for it: the pool shrinks and the step completes on the others. `request_capacity(share)` asks
+  an autoscaler for one more unit when rollout dominates the step, and withdraws the request when not.
 
 The generator's work is `rollout.generator.GeneratorImpl`; this module adds scheduling only.
 """
@@ -83,6 +88,7 @@ class RolloutStats:
     requests: int = 0
     redispatched: int = 0  # requests queued again after their actor died or failed
     replaced: int = 0  # actors replaced during the call
+    lost: int = 0  # actors that died and were not replaced (their node left the cluster)
     duplicates_dropped: int = 0  # results of a request already answered
     per_actor_trees: dict[int, int] = field(default_factory=dict)
 
@@ -97,6 +103,7 @@ class GeneratorPool:
         self.manager = FaultTolerantActorManager(max_remote_requests_in_flight_per_actor=pool_cfg.requests_per_worker)
         self.restarts = 0
         self._ids = itertools.count()
+        self._requested = 0  # worker_resource units asked of the autoscaler (request_capacity)
         self.resize(pool_cfg.num_workers)
 
     # ------------------------------------------------------------------ membership
@@ -119,6 +126,8 @@ class GeneratorPool:
             n = self.cfg.threads_per_worker
             options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(n),
                                                    "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}"}}
+        if self.cfg.worker_resource:
+            options["resources"] = {self.cfg.worker_resource: 1}
         actors = [
             Generator.options(
                 **options,
@@ -149,17 +158,70 @@ class GeneratorPool:
             ray.kill(self.manager.remove_actor(actor_id))
         return self.size
 
-    def _replace(self, actor_id: int) -> None:
-        self.restarts += 1
-        if self.restarts > self.cfg.max_restarts:
-            raise PoolError(f"{self.restarts} generator actors died in this stage (rollout.pool.max_restarts = "
-                            f"{self.cfg.max_restarts}); see the Ray logs of the dead actors")
+    def capacity(self) -> int:
+        """Generators the cluster's live nodes can hold: the units of `worker_resource` they offer."""
+        name = self.cfg.worker_resource
+        return int(sum(node["Resources"].get(name, 0.0) for node in ray.nodes() if node.get("Alive")))
+
+    def follow_cluster(self) -> dict[str, float]:
+        """Size the pool to `capacity()` within [min_workers, max_workers] (call between rollouts). Returns
+        {pool_size, pool_joined, pool_left}: actors started for nodes that joined, actors removed because
+        there is no longer room for them."""
+        before = self.size
+        for r in self.manager.foreach_actor("ping", healthy_only=False, timeout_seconds=30):
+            if not r.ok:  # died between steps (its node left): no request of it to serve again
+                try:
+                    ray.kill(self.manager.remove_actor(r.actor_id))
+                except Exception:
+                    pass
+        target = max(self.cfg.min_workers, min(self.cfg.max_workers, self.capacity()))
+        if target > before:
+            log.info("generator pool: %d -> %d actors (the cluster offers %d %s)", before, target, self.capacity(),
+                     self.cfg.worker_resource)
+        self.resize(target)
+        return {"pool_size": float(self.size), "pool_joined": float(max(0, self.size - before)),
+                "pool_left": float(max(0, before - self.size))}
+
+    def request_capacity(self, rollout_share: float) -> int:
+        """Ask the autoscaler for one `worker_resource` unit more than the pool holds (up to max_workers)
+        while rollout takes more than `scale_up_share` of a step; withdraw the request otherwise. Returns
+        the units requested (0: none)."""
+        if not self.cfg.scale_up_share:
+            return 0
+        from ray.autoscaler.sdk import request_resources
+
+        want = min(self.cfg.max_workers, self.size + 1) if rollout_share > self.cfg.scale_up_share else 0
+        if want != self._requested:
+            request_resources(bundles=[{self.cfg.worker_resource: 1}] * want)
+            self._requested = want
+        return want
+
+    def _has_room_for_replacement(self) -> bool:
+        """Whether a replacement could be placed: without follow_cluster always (it waits for room); with
+        it, only when the live nodes offer more units than the actors left hold."""
+        return not self.cfg.follow_cluster or self.capacity() > self.size
+
+    def _replace(self, actor_id: int) -> bool:
+        """Replace a dead actor; with follow_cluster and no room left (its node is gone), only remove it.
+        Returns whether a replacement was started."""
         try:
             ray.kill(self.manager.remove_actor(actor_id))
         except Exception:  # already gone: nothing to kill
             pass
+        if not self._has_room_for_replacement():
+            if self.size == 0:
+                raise PoolError(f"generator actor {actor_id} died with its node and the cluster offers no "
+                                f"{self.cfg.worker_resource!r} for another: no generator is left")
+            log.warning("generator actor %d died and its node left the cluster: the pool shrinks to %d",
+                        actor_id, self.size)
+            return False
+        self.restarts += 1
+        if self.restarts > self.cfg.max_restarts:
+            raise PoolError(f"{self.restarts} generator actors died in this stage (rollout.pool.max_restarts = "
+                            f"{self.cfg.max_restarts}); see the Ray logs of the dead actors")
         log.warning("generator actor %d died; starting a replacement (restart %d)", actor_id, self.restarts)
         self.manager.add_actors(self._start_actors(1))
+        return True
 
     # ------------------------------------------------------------------ weights
 
@@ -226,8 +288,10 @@ class GeneratorPool:
                         stats.redispatched += 1
                     if r.actor_id in self.manager.actor_ids():
                         log.warning("generator actor %d failed: %r", r.actor_id, r.get())
-                        self._replace(r.actor_id)
-                        stats.replaced += 1
+                        if self._replace(r.actor_id):
+                            stats.replaced += 1
+                        else:
+                            stats.lost += 1
                     continue
                 value = r.get()
                 if isinstance(value, _Failed):

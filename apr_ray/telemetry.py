@@ -64,6 +64,8 @@ DASHBOARD_METRICS: tuple[str, ...] = (
     "grpo/pool_size",
     "grpo/pool_restarts",
     "grpo/redispatched_requests",
+    "grpo/pool_joined",
+    "grpo/pool_left",
     # Losses
     "sft/loss",
     "grpo/loss",

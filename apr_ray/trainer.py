@@ -176,6 +176,7 @@ class GRPOTrainer:
             result.phase_s[phase] += times[phase]
             clock = now
 
+        membership = self.pool.follow_cluster() if self.cfg.rollout.pool.follow_cluster else {}
         batch = next(problems)  # 1. problems
         lap("problems")
         trees, stats = self.pool.rollout(batch, g.algorithm.group_size, seed=step * 1_000_003)  # 2. rollout
@@ -203,6 +204,9 @@ class GRPOTrainer:
             "grpo/weights_mb": handle.num_bytes / 1e6,
             "grpo/pool_size": float(self.pool.size),
             "grpo/pool_restarts": float(self.pool.restarts),
+            "grpo/pool_joined": membership.get("pool_joined", 0.0),
+            "grpo/pool_left": membership.get("pool_left", 0.0) + float(stats.lost),
+            "grpo/pool_requested": float(self.pool.request_capacity(times["rollout"] / step_s if step_s else 0.0)),
             "grpo/redispatched_requests": float(stats.redispatched),
             "grpo/sequences": float(len(seqs)),
             # groups whose rewards differ: the only ones with a gradient (0 means the update was empty)
