@@ -184,29 +184,28 @@ def test_failing_requests_and_too_many_deaths_end_the_rollout_with_a_pool_error(
         pool.shutdown()
 
 
-class _DeadEngine:
-    """What a vLLM engine whose core process died looks like from the actor: every request raises."""
-
-    dead = True
-    eos_token_id = 2
-
-    async def generate(self, *args, **kwargs):
-        raise RuntimeError("EngineDeadError: EngineCore encountered an issue")
-
-
-def _kill_engine(generator) -> bool:
-    generator.runtime.engine = generator.engine = _DeadEngine()
-    generator._runtimes = {None: generator.runtime}
-    return True
-
-
 def test_an_actor_whose_engine_died_is_replaced_and_no_tree_ends_in_error(ray_cluster, gen_cfg):
     from apr_ray.types import EndReason
+
+    # Defined here, not at module level, so that Ray ships them by value (actors cannot import this file).
+    class DeadEngine:
+        """What a vLLM engine whose core process died looks like from the actor: every request raises."""
+
+        dead = True
+        eos_token_id = 2
+
+        async def generate(self, *args, **kwargs):
+            raise RuntimeError("EngineDeadError: EngineCore encountered an issue")
+
+    def kill_engine(generator) -> bool:
+        generator.runtime.engine = generator.engine = DeadEngine()
+        generator._runtimes = {None: generator.runtime}
+        return True
 
     pool = GeneratorPool(gen_cfg, pool_cfg(num_workers=1))
     try:
         pool.rollout(PROBLEMS[:1], group_size=1, seed=SEED)  # the engine is up
-        assert [r.get() for r in pool.manager.foreach_actor(_kill_engine)] == [True]
+        assert [r.get() for r in pool.manager.foreach_actor(kill_engine)] == [True]
         trees, stats = pool.rollout(PROBLEMS[:4], group_size=2, seed=SEED)
 
         assert stats.replaced == 1 and pool.restarts == 1 and pool.manager.actor_ids() == [1]
