@@ -111,9 +111,9 @@ def address(given: str | None, environ: dict[str, str] | None = None) -> str:
 def submit(command: str, config: str | None, overrides: list[str], *, addr: str, stack: Stack,
            follow: bool, name: str) -> int:
     """Send the job; with `follow`, stream its logs and return the exit code of its final status."""
+    token_source = enable_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, at import
     from ray.job_submission import JobSubmissionClient
 
-    token_source = enable_token_auth()
     client = JobSubmissionClient(addr)
     submission_id = f"apr-ray-{name}-{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     job_id = client.submit_job(entrypoint=entrypoint(command, config, overrides), runtime_env=runtime_env(stack),
