@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q $(ARGS)
 
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -q -m "not slow and not vllm" $(ARGS)
+	$(VENV)/bin/pytest -q -m "not slow and not vllm and not ray" $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -90,6 +90,7 @@ def job(tmp_path_factory):
 
 
 @pytest.mark.vllm
+@pytest.mark.ray
 @pytest.mark.slow
 def test_run_prints_the_summary_and_the_mlflow_pointer(job):
     stdout, parent = job["proc"].stdout, job["parent"]
@@ -101,6 +102,7 @@ def test_run_prints_the_summary_and_the_mlflow_pointer(job):
 
 
 @pytest.mark.vllm
+@pytest.mark.ray
 @pytest.mark.slow
 def test_run_is_one_finished_pipeline_run_with_a_finished_run_per_stage(job):
     parent, children = job["parent"], job["children"]
@@ -112,6 +114,7 @@ def test_run_is_one_finished_pipeline_run_with_a_finished_run_per_stage(job):
 
 
 @pytest.mark.vllm
+@pytest.mark.ray
 @pytest.mark.slow
 def test_params_are_the_resolved_config(job):
     from apr_ray.tracking import flatten
@@ -128,6 +131,7 @@ def test_params_are_the_resolved_config(job):
 
 
 @pytest.mark.vllm
+@pytest.mark.ray
 @pytest.mark.slow
 def test_sft_metrics_and_its_two_evaluations(job):
     client, sft, parent = job["client"], job["children"]["sft"], job["parent"]
@@ -144,6 +148,7 @@ def test_sft_metrics_and_its_two_evaluations(job):
 
 
 @pytest.mark.vllm
+@pytest.mark.ray
 @pytest.mark.slow
 def test_grpo_metrics_every_step_and_validation_every_step(job):
     client, grpo, parent = job["client"], job["children"]["grpo"], job["parent"]
@@ -169,6 +174,7 @@ def test_grpo_metrics_every_step_and_validation_every_step(job):
 
 
 @pytest.mark.vllm
+@pytest.mark.ray
 @pytest.mark.slow
 def test_test_split_metrics_match_the_summary_and_the_tree_artifacts(job, tmp_path):
     client, ev, parent = job["client"], job["children"]["eval"], job["parent"]
@@ -184,6 +190,7 @@ def test_test_split_metrics_match_the_summary_and_the_tree_artifacts(job, tmp_pa
 
 
 @pytest.mark.vllm
+@pytest.mark.ray
 @pytest.mark.slow
 def test_trees_are_logged_as_json_records_and_html_pages(job, tmp_path):
     from apr_ray.types import tree_from_dict
@@ -202,6 +209,7 @@ def test_trees_are_logged_as_json_records_and_html_pages(job, tmp_path):
 
 
 @pytest.mark.vllm
+@pytest.mark.ray
 @pytest.mark.slow
 def test_pipeline_run_artifacts(job, tmp_path):
     client, parent, out = job["client"], job["parent"], job["out"]
@@ -221,6 +229,7 @@ def test_pipeline_run_artifacts(job, tmp_path):
 
 
 @pytest.mark.vllm
+@pytest.mark.ray
 @pytest.mark.slow
 def test_metrics_file_has_each_metric_once_per_step(job):
     """output_dir/metrics.jsonl is the pipeline run's record: one x axis, nothing written twice."""
@@ -235,6 +244,7 @@ def test_metrics_file_has_each_metric_once_per_step(job):
 
 
 @pytest.mark.vllm
+@pytest.mark.ray
 @pytest.mark.slow
 def test_run_refuses_data_written_with_other_settings(job, tmp_path, capsys):
     """The data of a real run, with one data setting changed: refused before anything starts, naming the folder."""
@@ -275,6 +285,7 @@ THIRD_PARTY_LINES = ("logging_progress", "Running Dataset", "Writing model shard
 
 
 @pytest.mark.vllm
+@pytest.mark.ray
 @pytest.mark.slow
 def test_piped_output_is_the_jobs_own_progress_and_summary(job):
     """The job's output went to a pipe (no terminal): its own lines only, the libraries' in job.log."""

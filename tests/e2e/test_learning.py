@@ -48,6 +48,7 @@ def well_formed_after_sft(rows: list[dict]) -> float:
 
 
 @pytest.mark.vllm
+@pytest.mark.ray
 @pytest.mark.slow
 def test_sft_lifts_the_ladder(tmp_path):
     pytest.importorskip("vllm")

@@ -26,7 +26,7 @@ from apr_ray.tokenizer import build_tokenizer
 from apr_ray.types import TrainSequence
 from apr_ray.weight_sync import ObjectStoreTransport, WeightReceiver
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
 
 MODEL = ModelConfig(  # head_dim 32: a size vLLM's CPU attention serves
     hidden_size=128,

@@ -251,8 +251,7 @@ def test_prefixes_only_where_the_format_has_them():
 def test_hostile_text_is_bounded_and_never_raises():
     rng = random.Random(7)
     alphabet = "0123456789[]:,'+-*/=#<> \nCurrent State: Exploring Operation: \x00\r\u00e9\U0001f600"
-    start = time.perf_counter()
-    garbage = "".join(rng.choice(alphabet) for _ in range(100_000))
+    garbage = "".join(rng.choice(alphabet) for _ in range(100_000))  # its time: bench/unit_timings.py
     for prompt, out in [
         (garbage, garbage),
         ("", "x" * 100_000),
@@ -270,7 +269,6 @@ def test_hostile_text_is_bounded_and_never_raises():
     assert many == ThreadLadder(MAX_LINES, MAX_LINES, half, half, half, False)
     exactly = thread_ladder("Current State: 2:[1, 1], Operations: []\n", (move + T.NO_SOLUTION + "\n") * half, EOS)
     assert exactly == ThreadLadder(MAX_LINES, MAX_LINES, half, half, half, True)
-    assert time.perf_counter() - start < 5.0  # ~0.5 s here; a quadratic scan would take minutes
 
 
 def test_numbers_past_the_digit_cap_do_not_parse():

@@ -387,7 +387,7 @@ def test_timeout_cancels_outstanding_requests(tok):
     engine = TextEngine(tok, slow_children)
     tree = run(Runtime(engine, tok, APR, RuntimeConfig(timeout_s=0.3)))
     t = by_thread(tree)
-    assert tree.metrics.wall_s < 5
+    assert tree.metrics.wall_s < 20  # cut by the 0.3 s timeout, not run out to the children's 30 s sleep
     assert engine.cancelled == 2 and engine.in_flight == 0
     assert t[1, 0].end_reason is t[2, 0].end_reason is EndReason.TIMEOUT
     assert "timeout_s=0.3" in t[1, 0].detail and (0, 1) not in t

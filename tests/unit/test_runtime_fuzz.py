@@ -134,7 +134,8 @@ plans = st.one_of(
 
 def check_tree(tree, cfg, wall_s):
     """Every invariant of a finished tree."""
-    assert wall_s < cfg.timeout_s / 2, f"tree took {wall_s:.1f}s"
+    # (its wall time is a benchmark figure, bench/unit_timings.py: a busy machine must not fail the test)
+    assert all(r.end_reason is not EndReason.TIMEOUT for r in tree.threads), f"tree timed out after {wall_s:.1f}s"
     threads = {r.thread_id: [] for r in tree.threads}
     for r in tree.threads:
         threads[r.thread_id].append(r)

@@ -7,7 +7,6 @@ import random
 import re
 import shutil
 import subprocess
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -263,9 +262,7 @@ def test_a_large_tree_renders_quickly_and_keeps_text_out_of_the_markup():
             add(kid, 0, 1, 1, EndReason.EOS)
     add(0, -1, 2, 0, EndReason.EOS)
     assert len(threads) == 291
-    start = time.perf_counter()
-    text = render_tree_html(small_tree(threads), decode_chars)
-    assert time.perf_counter() - start < 2.0
+    text = render_tree_html(small_tree(threads), decode_chars)  # its time: bench/unit_timings.py
     page = Page(text)
     assert len(page.having("g", "node")) == 291 and len(page.having("rect", "bar")) == 291
     outside_data = text.replace(page.scripts[0][1], "")
