@@ -211,3 +211,17 @@ def test_dump_load_round_trip(preset, overrides, tmp_path):
     assert dump_config(again) == dump_config(cfg)
     if overrides:  # the overrides survive the trip rather than falling back to defaults
         assert (again.seed, again.eval.split, again.rollout.backend, again.grpo.steps) == (7, "test", "transformers", 3)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in BROKEN.glob("*.yaml"))[:3])
+def test_a_bad_config_fails_before_ray_or_torch_is_imported_in_a_fresh_interpreter(name, tmp_path):
+    """In the full suite earlier tests have imported both, so the in-process check above proves nothing
+    there; a fresh interpreter does."""
+    import subprocess
+
+    script = ("import sys\nfrom apr_ray.cli import main\n"
+              f"rc = main(['run', '--config', {str(BROKEN / name)!r}, '--set', 'output_dir={tmp_path}/out'])\n"
+              "print(rc, 'ray' in sys.modules, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()
