@@ -1,14 +1,18 @@
-"""`apr-ray submit` against a real Ray head (`ray start --head`, token auth on as Ray 2.60 starts it), as a
-user submits: a shrunken `apr-ray run` job with the stack already on the cluster (`--stack none`) is
-followed to the end, exits 0, and its MLflow run is in the output directory it was given; a job that fails
-makes `apr-ray submit --follow` exit 1."""
+"""Job submission against a real Ray head started on loopback (`ray start --head`, token auth on) and a real
+`mlflow server`, as a user submits: a shrunken `apr-ray run` job with the stack already on the cluster
+(`--stack none`) is followed to the end, exits 0, and its MLflow runs are on the tracking server; the same
+job through plain `ray job submit` (jobs/submit.sh) succeeds too; a bad config sent that way ends FAILED
+with the key named; a job that fails makes `apr-ray submit --follow` exit 1; a wrong token is refused.
+The test stops only the processes it started (`ray stop` with the head's own environment)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,26 +55,71 @@ def head(tmp_path_factory):
                        capture_output=True, timeout=120)
 
 
-def submit(head, *args: str, overrides: dict = OVERRIDES) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(1)
+    try:
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def submit(head, *args: str, overrides: dict = OVERRIDES, env: dict | None = None) -> subprocess.CompletedProcess:
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
     return subprocess.run([sys.executable, "-m", "apr_ray.cli", "submit", "--address", head["address"], "--stack",
-                           "none", "--follow", *args, *sets], env=head["env"], capture_output=True, text=True,
-                          timeout=900)
+                           "none", "--follow", *args, *sets], env=env or head["env"], capture_output=True,
+                          text=True, timeout=900)
 
 
-def test_a_submitted_run_is_followed_to_the_end_and_logs_to_its_mlflow_store(head, tmp_path):
+def test_a_submitted_run_is_followed_to_the_end_and_logs_to_the_tracking_server(head, tracking_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
     assert (head["home"] / ".ray" / "auth_token").is_file()
     out = tmp_path / "run"
-    proc = submit(head, "--set", f"output_dir={out}")
+    start = time.monotonic()
+    proc = submit(head, "--set", f"output_dir={out}", env=head["env"] | {"MLFLOW_TRACKING_URI": tracking_server})
+    wall_s = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "token from" in proc.stdout and "SUCCEEDED" in proc.stdout
     assert "validation ladder" in proc.stdout  # the job's own summary, streamed back
+    print(f"apr-ray submit --follow of the shrunken run: {wall_s:.0f} s from submit to SUCCEEDED")
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    client = MlflowClient(tracking_uri=tracking_server)
     runs = client.search_runs([client.get_experiment_by_name("submitted").experiment_id])
     assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 4  # the job and its three stages
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"config.yaml", "summary.json", "model"}
+    assert not (out / "mlflow.db").exists()  # the server holds the runs, not a file beside the job
+
+
+def test_plain_ray_job_submit_runs_the_job_and_a_bad_config_fails_naming_the_key(head, tmp_path):
+    sets = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
+    env = head["env"] | {"RAY_ADDRESS": head["address"], "STACK": "none"}
+    script = str(Path(__file__).resolve().parents[2] / "jobs" / "submit.sh")
+    ok = subprocess.run(["bash", script, "--set", f"output_dir={tmp_path / 'run'}", *sets], env=env,
+                        capture_output=True, text=True, timeout=900)
+    assert ok.returncode == 0 and "SUCCEEDED" in ok.stdout, ok.stdout[-4000:] + ok.stderr[-4000:]
+    bad = subprocess.run(["bash", script, "--set", "sft.stepz=3"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode != 0 and "FAILED" in bad.stdout + bad.stderr
+    assert "did you mean 'steps'" in bad.stdout + bad.stderr
 
 
 def test_without_the_token_the_submission_is_refused(head, tmp_path):
