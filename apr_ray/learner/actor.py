@@ -101,6 +101,10 @@ class LearnerWorker:
 LearnerActor = ray.remote(LearnerWorker)
 
 
+class LearnerDied(RuntimeError):
+    """A learner rank died: the step it was in cannot finish (its peers wait for it in a collective)."""
+
+
 class LearnerGroup:
     """N learner actors forming one DeepSpeed process group; every method is a collective over them.
 
@@ -130,16 +134,35 @@ class LearnerGroup:
     def world_size(self) -> int:
         return len(self.actors)
 
+    def _gather(self, refs: list[Any], what: str) -> list[Any]:
+        """Every rank's result, failing fast: when one rank dies the others would wait for it in their
+        collective until the process-group timeout (`dist_timeout_s`, 30 min), so the first death stops
+        the group and raises `LearnerDied` naming the rank and the call."""
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayActorError as err:
+                rank = rank_of[done[0]]
+                self.shutdown()
+                raise LearnerDied(
+                    f"learner rank {rank} of {len(refs)} died during {what}; the group is stopped (its other "
+                    f"ranks would wait for it until learner.dist_timeout_s). The last checkpoint of the stage "
+                    f"(sft|grpo/checkpoints) holds the weights up to its step. Cause: {err}") from None
+        return ray.get(refs)
+
     def _all(self, method: str, *args: Any) -> list[Any]:
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        return self._gather([getattr(a, method).remote(*args) for a in self.actors], method)
 
     def sft_step(self, seqs: Sequence[TrainSequence]) -> dict[str, float]:
         shares = split_by_tree(seqs, self.world_size)
-        return ray.get([a.sft_step.remote(s) for a, s in zip(self.actors, shares)])[0]
+        return self._gather([a.sft_step.remote(s) for a, s in zip(self.actors, shares)], "an SFT step")[0]
 
     def grpo_step(self, seqs: Sequence[TrainSequence], grpo: GRPOConfig) -> dict[str, float]:
         shares = split_by_tree(seqs, self.world_size)
-        return ray.get([a.grpo_step.remote(s, grpo) for a, s in zip(self.actors, shares)])[0]
+        return self._gather([a.grpo_step.remote(s, grpo) for a, s in zip(self.actors, shares)], "a GRPO step")[0]
 
     def save_checkpoint(self, ckpt_dir: str | Path, client_state: dict[str, Any] | None = None) -> str:
         return self._all("save_checkpoint", str(ckpt_dir), client_state)[0]

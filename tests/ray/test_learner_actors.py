@@ -156,3 +156,23 @@ def test_two_ranks_match_one_rank_and_agree(ray_cluster, model_dir, single_rank_
             assert all(torch.equal(restored[k], saved[k]) for k in saved)
     finally:
         group.shutdown()
+
+
+def test_a_rank_that_dies_fails_the_step_at_once_naming_it(ray_cluster, model_dir):
+    """Rank 1 is killed; rank 0's step would wait for it in an all-reduce for learner.dist_timeout_s."""
+    import time
+
+    from apr_ray.learner.actor import LearnerDied
+
+    group = LearnerGroup(cfg(2).model_copy(update={"dist_timeout_s": 600}), model_dir, num_learners=2,
+                         num_cpus_per_learner=0.5)
+    try:
+        group.sft_step(sft_batch())  # both ranks up and in step
+        ray.kill(group.actors[1], no_restart=True)
+        start = time.monotonic()
+        with pytest.raises(LearnerDied, match=r"learner rank 1 of 2 died during an SFT step"):
+            group.sft_step(sft_batch())
+        assert time.monotonic() - start < 120  # not the 600 s collective timeout
+        assert group.actors == []  # the group is stopped: rank 0 does not linger in its collective
+    finally:
+        group.shutdown()
