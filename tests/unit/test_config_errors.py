@@ -176,7 +176,7 @@ def test_long_input_is_cut():
     assert len(message) < 300, message
 
 
-PRESETS = ["tiny", "small", "paper", "sosp"]
+PRESETS = ["tiny", "tiny-long", "small", "paper", "sosp"]
 
 
 def test_presets_are_the_yaml_files():
@@ -196,6 +196,9 @@ def test_presets_differ_where_their_files_say():
     assert load_config("small").data.problems.num_operands == 4
     assert load_config("sosp").protocol == "sosp"
     assert load_config("tiny").protocol != "sosp"
+    long = load_config("tiny-long")
+    assert (long.sft.steps, long.sft.learner.min_lr_ratio, long.sft.learner.decay_steps) == (4000, 0.02, 4000)
+    assert long.sft.learner.lr == RunConfig().sft.learner.lr  # only what the file names differs
 
 
 @pytest.mark.parametrize("preset, overrides", [
