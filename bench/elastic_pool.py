@@ -1,6 +1,6 @@
 """The generator pool following a cluster whose rollout nodes come and go, step by step: pool size, actors
 joined and lost, requests served again and the rollout's wall time, on a `ray.cluster_utils.Cluster`
-(several Ray nodes on this machine). The same rollout (8 problems x 4 samples, the tiny model untrained,
+(several Ray nodes on this machine). The same rollout (16 problems x 4 samples, 160-token threads, the tiny model untrained,
 transformers engine) every step; between steps the pool follows the cluster (`GeneratorPool.follow_cluster`),
 as the GRPO trainer does with `rollout.pool.follow_cluster`.
 
@@ -37,10 +37,10 @@ def main() -> None:
     tok = build_tokenizer()
     model_dir = save_pretrained(init_model(get_preset("tiny"), tok), tok, tempfile.mkdtemp())
     gen_cfg = GeneratorConfig(engine=VllmEngineConfig(model=str(model_dir)), backend="transformers",
-                              runtime=RuntimeConfig(max_tokens=48, context_window=256), max_concurrent_trees=32)
+                              runtime=RuntimeConfig(max_tokens=160, context_window=512), max_concurrent_trees=32)
     cfg = PoolConfig(num_workers=1, min_workers=1, max_workers=4, cpus_per_worker=0.5, groups_per_request=1,
                      requests_per_worker=2, follow_cluster=True, worker_resource="rollout")
-    problems = [Problem(10 + i, (i + 1, i + 2, 3)) for i in range(8)]
+    problems = [Problem(10 + i, (i + 1, i + 2, 3)) for i in range(16)]
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "env_vars": {"OMP_NUM_THREADS": "1"}})
     ray.init(address=cluster.address)
@@ -56,7 +56,7 @@ def main() -> None:
             membership = pool.follow_cluster()
             remover = None
             if step == 7:  # the second node leaves while the step's rollout runs
-                remover = threading.Timer(1.0, cluster.remove_node, args=(nodes[1],))
+                remover = threading.Timer(0.3, cluster.remove_node, args=(nodes[1],))
                 remover.start()
             start = time.perf_counter()
             trees, stats = pool.rollout(problems, 4, seed=step * 1000)
