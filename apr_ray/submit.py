@@ -131,11 +131,10 @@ def submit(command: str, config: str | None, overrides: list[str], *, addr: str,
             print(lines, end="", flush=True)
 
     asyncio.run(tail())
-    status = client.get_job_status(job_id)
-    while str(status.value if hasattr(status, "value") else status) not in TERMINAL:
+    final = str(client.get_job_status(job_id).value)
+    while final not in TERMINAL:  # the log stream can end a moment before the status is final
         time.sleep(1.0)
-        status = client.get_job_status(job_id)
-    final = str(status.value if hasattr(status, "value") else status)
+        final = str(client.get_job_status(job_id).value)
     info = client.get_job_info(job_id)
     print(f"job {job_id}: {final}" + (f" ({info.message})" if getattr(info, "message", None) else ""), flush=True)
     return EXIT_CODES[final]

@@ -44,15 +44,18 @@ class Workspace:
         config never trains or evaluates on stale data. Raises ConfigError before anything starts."""
         import yaml
 
-        written = [d for d in (self.problems, self.demos(cfg.data.demos.kind)) if _has_parquet(d)]
+        from apr_ray.data import has_parquet
+        from apr_ray.tracking import flatten
+
+        written = [d for d in (self.problems, self.demos(cfg.data.demos.kind)) if has_parquet(d)]
         if not written:
             return
         hint = (f"choose another output_dir (--set output_dir=...), set these back, or delete {self.root / 'data'}")
         if not self.data_record.is_file():
             raise ConfigError(f"{self.root / 'data'} holds data ({written[0].name}) but no record of the settings it "
                               f"was written with ({self.data_record} is missing); {hint}")
-        previous = _flatten(yaml.safe_load(self.data_record.read_text()) or {})
-        wanted = _flatten(data_settings(cfg))
+        previous = flatten(yaml.safe_load(self.data_record.read_text()) or {})
+        wanted = flatten(data_settings(cfg))
         differ = [f"{key}: {previous.get(key, '(not set)')!r} there, {wanted.get(key, '(not set)')!r} here"
                   for key in sorted(previous.keys() | wanted.keys()) if previous.get(key) != wanted.get(key)]
         if differ:
@@ -103,20 +106,6 @@ def data_settings(cfg: RunConfig) -> dict:
     """What the problems and demonstrations depend on: the run's seed and its data section (but not how many
     workers write them: the same settings give the same rows with any number)."""
     return {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json", exclude={"num_workers"})}
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _has_parquet(directory: Path) -> bool:
-    return directory.is_dir() and any(directory.rglob("*.parquet"))
 
 
 def ensure_init_model(cfg: RunConfig, ws: Workspace) -> Path:
