@@ -63,8 +63,12 @@ def _run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
             print(f"note: no SFT model under {cfg.output_dir} (sft/model): GRPO starts from the untrained initial "
                   "model; pass --model DIR or run `apr-ray sft` first")
         check_overrides_used(args.command, args.overrides, model=model)
+    resume = getattr(args, "resume", False)
+    if resume and not (Path(cfg.output_dir) / "grpo" / "checkpoints" / "latest").is_file():
+        raise FileNotFoundError(f"--resume: no GRPO checkpoint under {cfg.output_dir}/grpo/checkpoints; run without "
+                                "--resume to start GRPO afresh")
     print(f"apr-ray {args.command}: preset {cfg.name}, stages {' → '.join(stages)}, output {cfg.output_dir}")
-    pipeline = Pipeline(cfg, progress=not args.no_progress)
+    pipeline = Pipeline(cfg, progress=not args.no_progress, resume=resume)
     report = pipeline.run(stages, model_dir=Path(model) if model else None)
     print(summary_table(report))
     return 130 if report.interrupted else 0
@@ -91,8 +95,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is sent
     check_overrides_used(args.stage, args.overrides)
+    if args.resume and args.stage != "grpo":
+        raise ValueError(f"--resume continues a GRPO stage: use it with --stage grpo (not --stage {args.stage})")
     return submit(args.stage, args.config, args.overrides, addr=address(args.address), stack=args.stack,
-                  follow=args.follow, name=cfg.name)
+                  follow=args.follow, name=cfg.name, resume=args.resume)
 
 
 def cmd_data_problems(args: argparse.Namespace) -> int:
@@ -160,12 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name in ("grpo", "eval"):
             stage.add_argument("--model", type=Path, default=None, help="model directory (HF layout)")
+        if name == "grpo":
+            stage.add_argument("--resume", action="store_true",
+                               help="continue from the latest checkpoint in output_dir/grpo/checkpoints (after a "
+                                    "stop, a learner's death or a lost cluster): weights, optimizer, step and the "
+                                    "problem order as an uninterrupted run")
         stage.set_defaults(func=func)
 
     submit = sub.add_parser("submit", help="run a stage command as a Ray job on a running cluster (Ray Jobs)")
     _add_config_args(submit)
     submit.add_argument("--stage", default="run", choices=["run", "sft", "grpo", "eval"],
                         help="the command the job runs (default: run)")
+    submit.add_argument("--resume", action="store_true", help="with --stage grpo: the job continues from the "
+                        "latest GRPO checkpoint of output_dir (which must be on storage the cluster shares)")
     submit.add_argument("--address", default=None, help="the cluster's dashboard address (default: $RAY_ADDRESS)")
     submit.add_argument("--stack", default="cpu", choices=["cpu", "gpu", "none"],
                         help="software the job installs: the CPU or CUDA vLLM stack, or none (the image has it)")

@@ -212,7 +212,8 @@ class RunConfig(BaseModel):
                                  "or grpo.steps=0")
         for stage in (self.sft, self.grpo):  # a decay spans its stage unless told otherwise
             if stage.learner.lr_schedule != "constant" and stage.learner.decay_steps == 0:
-                stage.learner.decay_steps = max(stage.steps, stage.learner.warmup_steps + 1)
+                stage.learner.decay_steps = max(stage.steps, stage.learner.warmup_steps + 1,
+                                                stage.learner.decay_start + 1)
         if self.grpo.algorithm.kl_coef > 0 and not self.grpo.learner.reference_model:
             self.grpo.learner.reference_model = True  # the KL term needs the frozen reference
         return self

@@ -107,10 +107,11 @@ class PipelineReport:
 
 
 class Pipeline:
-    def __init__(self, cfg: RunConfig, progress: bool = True) -> None:
+    def __init__(self, cfg: RunConfig, progress: bool = True, resume: bool = False) -> None:
+        """`resume`: the GRPO stage continues from the latest checkpoint under output_dir/grpo/checkpoints."""
         from apr_ray.tracking import flatten, make_tracker
 
-        self.cfg, self.progress = cfg, progress
+        self.cfg, self.progress, self.resume = cfg, progress, resume
         self.ws = Workspace(cfg.output_dir)
         self.ws.check_data_settings(cfg)  # a refused workspace leaves no MLflow run behind
         self.ws.root.mkdir(parents=True, exist_ok=True)
@@ -253,7 +254,7 @@ class Pipeline:
                               log=self._logger(tracker, "grpo", offset),
                               on_eval=on_eval, progress=self.progress)
         try:
-            result = trainer.run(evaluate_first=baseline)
+            result = trainer.run(evaluate_first=baseline and not self.resume, resume=self.resume)
             out = Path(trainer.export(self.ws.model("grpo")))
             if "eval" in self.stages:  # the test-split evaluation reuses the pool
                 self.evaluate_on_pool()
@@ -268,8 +269,9 @@ class Pipeline:
         """Close the stage's run; an interrupted stage stops the job (its checkpoint is written)."""
         if result.interrupted:
             tracker.end("KILLED")
+            then = "; `apr-ray grpo --resume` continues from it" if stage == "grpo" else ""
             raise Interrupted(f"{stage.upper()} stopped at step {result.steps}; checkpoint in "
-                              f"{self.ws.checkpoints(stage)}")
+                              f"{self.ws.checkpoints(stage)}{then}")
         tracker.end()
         return out
 

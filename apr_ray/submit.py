@@ -63,9 +63,9 @@ def runtime_env(stack: Stack, environ: dict[str, str] | None = None) -> dict[str
     return env
 
 
-def entrypoint(command: str, config: str | None, overrides: list[str]) -> str:
+def entrypoint(command: str, config: str | None, overrides: list[str], resume: bool = False) -> str:
     """The shell command the job runs: the same stage command, its config and overrides, without bars."""
-    args = ["python", "-m", "apr_ray.cli", command, "--no-progress"]
+    args = ["python", "-m", "apr_ray.cli", command, "--no-progress", *(["--resume"] if resume else [])]
     if config is not None:
         args += ["--config", config]
     for item in overrides:
@@ -109,14 +109,14 @@ def address(given: str | None, environ: dict[str, str] | None = None) -> str:
 
 
 def submit(command: str, config: str | None, overrides: list[str], *, addr: str, stack: Stack,
-           follow: bool, name: str) -> int:
+           follow: bool, name: str, resume: bool = False) -> int:
     """Send the job; with `follow`, stream its logs and return the exit code of its final status."""
     token_source = enable_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, at import
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(addr)
     submission_id = f"apr-ray-{name}-{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-    job_id = client.submit_job(entrypoint=entrypoint(command, config, overrides), runtime_env=runtime_env(stack),
+    job_id = client.submit_job(entrypoint=entrypoint(command, config, overrides, resume), runtime_env=runtime_env(stack),
                                submission_id=submission_id, metadata={"apr_ray.command": command})
     auth = f", token from {token_source}" if token_source else ""
     print(f"submitted {job_id} to {addr} (stack {stack}{auth})", flush=True)

@@ -123,9 +123,10 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, evaluate_first: bool = False) -> GRPOResult:
+    def run(self, evaluate_first: bool = False, resume: bool = False) -> GRPOResult:
         """The GRPO steps; `evaluate_first`: evaluate the starting model at step 0 (the baseline the
-        steps are measured against, when no SFT evaluation of the same weights precedes them)."""
+        steps are measured against, when no SFT evaluation of the same weights precedes them); `resume`:
+        continue after the step of the latest checkpoint in `checkpoint_dir` (see `resume`)."""
         from apr_ray.console import StepProgress
 
         g = self.cfg.grpo
@@ -134,10 +135,12 @@ class GRPOTrainer:
         if evaluate_first and g.steps:
             self._timed_eval(0, result)
         problems = problem_stream(self.problems_dir, g.problems_per_step, self.cfg.seed)
-        bar = StepProgress(g.steps, "grpo", enabled=self.progress, every=max(1, g.steps // 20))
+        start = self.resume(problems) if resume else 0
+        result.steps = start
+        bar = StepProgress(g.steps, "grpo", enabled=self.progress, initial=start, every=max(1, g.steps // 20))
         with stop_on_interrupt("grpo") as stop_requested:
             try:
-                for step in range(1, g.steps + 1):
+                for step in range(start + 1, g.steps + 1):
                     metrics = self._step(step, problems, result)
                     result.steps = step
                     bar.update(1, reward=f"{metrics['grpo/reward_mean']:.3f}", acc=f"{metrics['grpo/accuracy']:.2f}")
@@ -154,7 +157,7 @@ class GRPOTrainer:
                 bar.close()
         if not result.interrupted:
             self._timed_eval(result.steps, result)
-        if result.steps:
+        if result.steps > start:
             self.checkpoint(result.steps)
         result.wall_s = time.perf_counter() - t0
         return result
@@ -226,6 +229,28 @@ class GRPOTrainer:
         return out
 
     # ------------------------------------------------------------------ checkpoints, export, shutdown
+
+    def resume(self, problems: Iterator[list[Problem]]) -> int:
+        """Load the latest checkpoint (weights, optimizer, step, policy version), make every generator serve
+        its weights, and move the problem stream past the batches its steps used. Returns that step: the
+        next one samples the same problems with the same seeds as an uninterrupted run would."""
+        from pathlib import Path
+
+        ckpt = Path(self.checkpoint_dir)
+        if not (ckpt / "latest").is_file():
+            raise FileNotFoundError(f"nothing to resume: no GRPO checkpoint in {ckpt} (DeepSpeed's 'latest' file is "
+                                    "missing); run without --resume to start GRPO afresh")
+        client = self.learner.load_checkpoint(ckpt)
+        step, self.version = int(client["grpo_step"]), int(client["version"])
+        if step > self.cfg.grpo.steps:
+            raise ValueError(f"{ckpt}: the checkpoint is at GRPO step {step}, past grpo.steps={self.cfg.grpo.steps}; "
+                             "raise grpo.steps to train on")
+        self.pool.sync_weights(self.learner.publish_weights(self.transport, self.version))
+        for _ in range(step):
+            next(problems)
+        print(f"grpo: resumed from {ckpt / (ckpt / 'latest').read_text().strip()} (step {step}, policy version "
+              f"{self.version})", flush=True)
+        return step
 
     def checkpoint(self, step: int) -> str:
         return self.learner.save_checkpoint(self.checkpoint_dir, {"grpo_step": step, "version": self.version})

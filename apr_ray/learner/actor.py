@@ -149,8 +149,9 @@ class LearnerGroup:
                 self.shutdown()
                 raise LearnerDied(
                     f"learner rank {rank} of {len(refs)} died during {what}; the group is stopped (its other "
-                    f"ranks would wait for it until learner.dist_timeout_s). The last checkpoint of the stage "
-                    f"(sft|grpo/checkpoints) holds the weights up to its step. Cause: {err}") from None
+                    f"ranks would wait for it until learner.dist_timeout_s). The stage's last checkpoint "
+                    f"(output_dir/sft|grpo/checkpoints, every *.checkpoint_every steps) holds the state up to its "
+                    f"step; `apr-ray grpo --resume` continues GRPO from it. Cause: {err}") from None
         return ray.get(refs)
 
     def _all(self, method: str, *args: Any) -> list[Any]:

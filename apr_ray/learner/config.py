@@ -25,6 +25,10 @@ class LearnerConfig(BaseModel):
         0, ge=0, description="optimizer steps (warm-up included) at whose end the decay reaches min_lr_ratio;"
         " 0: the stage's steps (sft.steps / grpo.steps)"
     )
+    decay_start: int = Field(
+        0, ge=0, description="optimizer step at which the decay begins; the rate holds at lr until then"
+        " (warm-up, stable, decay: WSD). 0: right after warm-up. After decay_steps the rate stays at the floor"
+    )
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="the decayed learning rate, as a share of lr")
     grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this; 0 disables")
     micro_batch_tokens: int = Field(
@@ -53,10 +57,11 @@ class LearnerConfig(BaseModel):
             return (step + 1) / self.warmup_steps
         if self.lr_schedule == "constant":
             return 1.0
-        if self.decay_steps <= self.warmup_steps:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r} needs decay_steps > warmup_steps "
-                             f"({self.warmup_steps}), got {self.decay_steps}")
-        progress = min(1.0, (step - self.warmup_steps) / (self.decay_steps - self.warmup_steps))
+        decay_from = max(self.warmup_steps, self.decay_start)
+        if self.decay_steps <= decay_from:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} needs decay_steps > max(warmup_steps, decay_start) "
+                             f"({decay_from}), got {self.decay_steps}")
+        progress = min(1.0, max(0.0, (step - decay_from) / (self.decay_steps - decay_from)))
         shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.lr_schedule == "cosine" else 1.0 - progress
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
 

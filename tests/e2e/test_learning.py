@@ -1,9 +1,12 @@
-"""The learning guard: the real job (`apr-ray run`: Ray Data, a DeepSpeed learner actor, the vLLM generator
-that evaluates) must learn, or this test fails: SFT from scratch must lift a rung of the validation ladder,
-the share of well-formed threads, from 0 (an untrained model never ends a thread cleanly) past a threshold.
+"""The learning guard: the trainer's SFT must learn, or this test fails. SFT from scratch on a fixed small
+set must lift a rung of the validation ladder, the share of well-formed threads, from 0 (an untrained model
+never ends a thread cleanly) past a threshold.
 
-The number is read back from the run's logged metrics (metrics.jsonl, the values MLflow gets too). The
-threshold comes from measured runs (docs/results.md, "The learning guard"), with a wide margin.
+It runs the plain script (`python -m apr_ray.plain`): the same data writers, SFT loop, DeepSpeed learner,
+evaluator and ladder as `apr-ray run`, in one process, so the minutes go to training and not to starting
+Ray and vLLM (the Ray path of the same stages is run end to end by test_cli_run.py). The number is read back
+from the run's logged metrics (metrics.jsonl). The threshold comes from measured runs over several seeds
+(docs/results.md, "The learning guard"), with a wide margin.
 
 Not guarded yet: GRPO raising the reward. Minutes of SFT on 2 cores give a model with no correct sample even
 on 32 memorised train problems (measured: reward 0 in all 6 GRPO steps), so there is no reward to raise.
@@ -21,19 +24,18 @@ import pytest
 SFT_STEPS = 300
 OVERRIDES = {
     "data.train_problems": 32, "data.val_problems": 20, "data.test_problems": 8,
-    "sft.steps": SFT_STEPS, "sft.eval_every": 0, "grpo.steps": 0,
+    "sft.steps": SFT_STEPS, "sft.eval_every": 0,
     "eval.problems": 20, "eval.sampled_problems": 0, "eval.sample_trees": 0,
-    "tracking.enabled": False,
 }
-# measured 0.892 (seed 0, docs/results.md); the untrained model: 0.0
+# measured 0.85-0.90 over seeds 0-2 (docs/results.md); the untrained model: 0.0
 MIN_WELL_FORMED_AFTER_SFT = 0.5
 
 
-def run_job(out, seed: int) -> list[dict]:
-    sets = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
+def run_sft(out, seed: int) -> list[dict]:
+    sets = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={v}")]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     proc = subprocess.run(
-        [sys.executable, "-m", "apr_ray.cli", "run", "--no-progress", "--set", f"output_dir={out}",
+        [sys.executable, "-m", "apr_ray.plain", "--no-progress", "--workers", "1", "--set", f"output_dir={out}",
          "--set", f"seed={seed}", *sets],
         capture_output=True, text=True, env=env, timeout=1200,
     )
@@ -47,16 +49,13 @@ def well_formed_after_sft(rows: list[dict]) -> float:
     return values[0]
 
 
-@pytest.mark.vllm
-@pytest.mark.ray
 @pytest.mark.slow
 def test_sft_lifts_the_ladder(tmp_path):
-    pytest.importorskip("vllm")
-    assert well_formed_after_sft(run_job(tmp_path / "run", seed=0)) >= MIN_WELL_FORMED_AFTER_SFT
+    assert well_formed_after_sft(run_sft(tmp_path / "run", seed=0)) >= MIN_WELL_FORMED_AFTER_SFT
 
 
 if __name__ == "__main__":  # calibration: python tests/e2e/test_learning.py OUT_DIR SEED...
     from pathlib import Path
 
     for seed in sys.argv[2:]:
-        print(seed, well_formed_after_sft(run_job(Path(sys.argv[1]) / f"seed{seed}", int(seed))), flush=True)
+        print(seed, well_formed_after_sft(run_sft(Path(sys.argv[1]) / f"seed{seed}", int(seed))), flush=True)

@@ -1,6 +1,6 @@
 """The stage commands as a new user meets them, each a subprocess as from a shell: `apr-ray grpo` and
 `apr-ray eval` in a fresh output directory with only --model write the data they need; the plain script's
-workspace is read by `apr-ray grpo`; `apr-ray eval` evaluates the split it is told; a workspace written with
+workspace is read by `apr-ray grpo`, and `apr-ray grpo --resume` continues its last checkpoint; `apr-ray eval` evaluates the split it is told; a workspace written with
 other data settings is refused naming the setting. The transformers engine serves (no vLLM start)."""
 
 from __future__ import annotations
@@ -49,6 +49,17 @@ def test_plain_then_grpo_on_one_workspace(plain_workspace):
     assert "problems: reusing" in proc.stdout  # the plain script's data, not a second copy
     assert "after GRPO" in proc.stdout
     assert (plain_workspace / "grpo" / "model" / "config.json").is_file()
+
+    # --resume continues from that run's last checkpoint (step 1) when grpo.steps is raised: one more step,
+    # sampled by generators serving the checkpoint's policy version, then its own checkpoint.
+    resumed = run(["apr_ray.cli", "grpo", "--no-progress", "--resume", "--set", f"output_dir={plain_workspace}",
+                   *sets(DATA | SHORT | GRPO | {"grpo.steps": 2})])
+    assert "grpo: resumed from" in resumed.stdout and "(step 1, policy version 1)" in resumed.stdout, resumed.stdout
+    rows = [json.loads(line) for line in (plain_workspace / "metrics.jsonl").read_text().splitlines()]
+    grpo_steps = [r["step"] for r in rows if "grpo/reward_mean" in r]
+    assert grpo_steps == [4 + 1, 4 + 2], grpo_steps  # after the 4 SFT steps: step 1, then the resumed step 2
+    assert next(r for r in rows if "grpo/reward_mean" in r and r["step"] == 6)["grpo/version_lag_mean"] == 0.0
+    assert (plain_workspace / "grpo" / "checkpoints" / "latest").read_text().strip() == "step_2"
 
 
 def test_grpo_from_a_fresh_output_directory_with_only_a_model(plain_workspace, tmp_path):

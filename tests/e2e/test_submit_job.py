@@ -63,7 +63,7 @@ def tracking_server(tmp_path_factory):
     port = free_port()
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                             "--artifacts-destination", str(root / "artifacts")],
+                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -88,7 +88,28 @@ def submit(head, *args: str, overrides: dict = OVERRIDES, env: dict | None = Non
                           text=True, timeout=900)
 
 
-def test_a_submitted_run_is_followed_to_the_end_and_logs_to_the_tracking_server(head, tracking_server, tmp_path):
+@pytest.fixture(scope="module")
+def plain_submission(head, tmp_path_factory):
+    """The same shrunken job sent with plain `ray job submit` (jobs/submit.sh), started here and left running:
+    the test of `apr-ray submit` runs its own job meanwhile, so the two run side by side on the head as two
+    users' jobs would (and the test waits for the slower of the two, not for their sum)."""
+    sets = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
+    env = head["env"] | {"RAY_ADDRESS": head["address"], "STACK": "none"}
+    script = str(Path(__file__).resolve().parents[2] / "jobs" / "submit.sh")
+    logs = tmp_path_factory.mktemp("plain-submit")
+    with open(logs / "stdout.txt", "w") as so, open(logs / "stderr.txt", "w") as se:
+        proc = subprocess.Popen(["bash", script, "--set", f"output_dir={logs / 'run'}", *sets], env=env, stdout=so,
+                                stderr=se)
+    try:
+        yield {"proc": proc, "script": script, "env": env, "logs": logs}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_submitted_run_is_followed_to_the_end_and_logs_to_the_tracking_server(head, plain_submission,
+                                                                                 tracking_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
     assert (head["home"] / ".ray" / "auth_token").is_file()
@@ -99,7 +120,8 @@ def test_a_submitted_run_is_followed_to_the_end_and_logs_to_the_tracking_server(
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "token from" in proc.stdout and "SUCCEEDED" in proc.stdout
     assert "validation ladder" in proc.stdout  # the job's own summary, streamed back
-    print(f"apr-ray submit --follow of the shrunken run: {wall_s:.0f} s from submit to SUCCEEDED")
+    print(f"apr-ray submit --follow of the shrunken run (a second job beside it): {wall_s:.0f} s from submit to "
+          "SUCCEEDED")
 
     client = MlflowClient(tracking_uri=tracking_server)
     runs = client.search_runs([client.get_experiment_by_name("submitted").experiment_id])
@@ -109,15 +131,13 @@ def test_a_submitted_run_is_followed_to_the_end_and_logs_to_the_tracking_server(
     assert not (out / "mlflow.db").exists()  # the server holds the runs, not a file beside the job
 
 
-def test_plain_ray_job_submit_runs_the_job_and_a_bad_config_fails_naming_the_key(head, tmp_path):
-    sets = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
-    env = head["env"] | {"RAY_ADDRESS": head["address"], "STACK": "none"}
-    script = str(Path(__file__).resolve().parents[2] / "jobs" / "submit.sh")
-    ok = subprocess.run(["bash", script, "--set", f"output_dir={tmp_path / 'run'}", *sets], env=env,
-                        capture_output=True, text=True, timeout=900)
-    assert ok.returncode == 0 and "succeeded" in ok.stdout.lower(), ok.stdout[-4000:] + ok.stderr[-4000:]
-    bad = subprocess.run(["bash", script, "--set", "sft.stepz=3"], env=env, capture_output=True, text=True,
-                         timeout=600)
+def test_plain_ray_job_submit_runs_the_job_and_a_bad_config_fails_naming_the_key(plain_submission):
+    proc, logs = plain_submission["proc"], plain_submission["logs"]
+    proc.wait(timeout=900)
+    stdout, stderr = (logs / "stdout.txt").read_text(), (logs / "stderr.txt").read_text()
+    assert proc.returncode == 0 and "succeeded" in stdout.lower(), stdout[-4000:] + stderr[-4000:]
+    bad = subprocess.run(["bash", plain_submission["script"], "--set", "sft.stepz=3"], env=plain_submission["env"],
+                         capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "failed" in (bad.stdout + bad.stderr).lower(), bad.stdout[-4000:] + bad.stderr
     assert "did you mean 'steps'" in bad.stdout + bad.stderr
 

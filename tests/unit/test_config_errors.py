@@ -197,8 +197,9 @@ def test_presets_differ_where_their_files_say():
     assert load_config("sosp").protocol == "sosp"
     assert load_config("tiny").protocol != "sosp"
     long = load_config("tiny-long")
-    assert (long.sft.steps, long.sft.learner.min_lr_ratio, long.sft.learner.decay_steps) == (4000, 0.02, 4000)
-    assert long.sft.learner.lr == RunConfig().sft.learner.lr  # only what the file names differs
+    learner = long.sft.learner
+    assert (long.sft.steps, learner.lr, learner.decay_start, learner.decay_steps) == (3200, 2e-3, 2400, 2500)
+    assert learner.weight_decay == RunConfig().sft.learner.weight_decay  # only what the file names differs
 
 
 @pytest.mark.parametrize("preset, overrides", [

@@ -95,6 +95,14 @@ def test_lr_schedules_warm_up_then_decay_to_the_floor():
     assert constant.lr_multiplier(1000) == 1.0
     with pytest.raises(ValueError, match="decay_steps"):
         LearnerConfig(lr_schedule="cosine", warmup_steps=5).lr_multiplier(10)
+    # warm-up, stable, decay: full rate until decay_start, a linear ramp to the floor, then the floor
+    wsd = LearnerConfig(lr=1.0, warmup_steps=2, lr_schedule="linear", decay_start=10, decay_steps=20,
+                        min_lr_ratio=0.15)
+    assert [wsd.lr_multiplier(s) for s in (0, 1, 2, 9, 10)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    assert wsd.lr_multiplier(15) == pytest.approx(1.0 - 0.85 / 2)
+    assert wsd.lr_multiplier(20) == wsd.lr_multiplier(5000) == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="decay_start"):
+        wsd.model_copy(update={"decay_start": 20}).lr_multiplier(5)
 
 
 def test_the_learner_follows_the_schedule(model_dir):

