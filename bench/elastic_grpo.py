@@ -56,34 +56,38 @@ def main() -> None:
     nodes = [cluster.add_node(num_cpus=1, resources={"rollout": 1})]
     cluster.wait_for_nodes()
     events: list[str] = []
-    done = threading.Event()
+    outcome: dict = {}
 
-    def schedule() -> None:  # the cluster's side: nodes join and leave as the run logs its steps
+    def train() -> None:  # the run, off the main thread: starting Ray nodes needs the main thread
+        try:
+            outcome["report"] = Pipeline(cfg, progress=False).run(("data", "grpo"))
+        except BaseException as err:  # noqa: BLE001  (re-raised below, in the main thread)
+            outcome["error"] = err
+
+    start = time.perf_counter()
+    runner = threading.Thread(target=train)
+    runner.start()
+    try:
         joined = removed = False
-        while not done.is_set() and not removed:
+        while runner.is_alive():  # the cluster's side: nodes join and leave as the run logs its steps
             steps = len(logged_steps(out / "metrics.jsonl"))
             if steps >= 2 and not joined:
                 nodes.extend(cluster.add_node(num_cpus=1, resources={"rollout": 1}) for _ in range(2))
                 events.append(f"2 nodes added after step {steps} was logged")
                 joined = True
-            if steps >= 5 and joined:
+            if steps >= 5 and joined and not removed:
                 time.sleep(1.0)
                 cluster.remove_node(nodes[1])
                 events.append(f"1 node removed 1 s after step {steps} was logged")
                 removed = True
             time.sleep(0.2)
-
-    watcher = threading.Thread(target=schedule, daemon=True)
-    watcher.start()
-    start = time.perf_counter()
-    try:
-        report = Pipeline(cfg, progress=False).run(("data", "grpo"))
+        runner.join()
     finally:
-        done.set()
-        watcher.join(timeout=30)
         ray.shutdown()
         cluster.shutdown()
-    wall = time.perf_counter() - start
+    if "error" in outcome:
+        raise outcome["error"]
+    report, wall = outcome["report"], time.perf_counter() - start
 
     rows = logged_steps(out / "metrics.jsonl")
     print(f"## Elastic GRPO run ({date.today()}, `bench/elastic_grpo.py`)\n")

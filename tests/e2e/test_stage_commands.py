@@ -13,6 +13,8 @@ import sys
 import pytest
 import yaml
 
+from apr_ray.config import RunConfig
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 DATA = {"data.train_problems": 40, "data.val_problems": 6, "data.test_problems": 4}
@@ -57,8 +59,9 @@ def test_plain_then_grpo_on_one_workspace(plain_workspace):
     assert "grpo: resumed from" in resumed.stdout and "(step 1, policy version 1)" in resumed.stdout, resumed.stdout
     rows = [json.loads(line) for line in (plain_workspace / "metrics.jsonl").read_text().splitlines()]
     grpo_steps = [r["step"] for r in rows if "grpo/reward_mean" in r]
-    assert grpo_steps == [4 + 1, 4 + 2], grpo_steps  # after the 4 SFT steps: step 1, then the resumed step 2
-    assert next(r for r in rows if "grpo/reward_mean" in r and r["step"] == 6)["grpo/version_lag_mean"] == 0.0
+    offset = RunConfig().sft.steps  # GRPO steps are logged after the config's SFT steps
+    assert grpo_steps == [offset + 1, offset + 2], grpo_steps  # step 1, then the resumed step 2
+    assert next(r for r in rows if r["step"] == offset + 2 and "grpo/reward_mean" in r)["grpo/version_lag_mean"] == 0.0
     assert (plain_workspace / "grpo" / "checkpoints" / "latest").read_text().strip() == "step_2"
 
 
