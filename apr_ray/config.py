@@ -134,7 +134,9 @@ class GRPOStageConfig(BaseModel):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(lr=1e-4))
     eval_every: int = Field(0, ge=0, description="evaluate every this many steps; 0: at the end only")
-    checkpoint_every: int = Field(0, ge=0, description="checkpoint every this many steps; 0: at the end only")
+    checkpoint_every: int = Field(
+        10, ge=0, description="checkpoint every this many steps (what `apr-ray grpo --resume` continues from after a "
+        "learner died); 0: at the end only")
 
 
 class LearnerResources(BaseModel):
