@@ -22,9 +22,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # Many steps, so the run is surely mid-training when the signal comes; no periodic checkpoint or
-# evaluation, so the only checkpoint is the one the interrupt writes.
+# evaluation, so the only checkpoint is the one the interrupt writes. The transformers engine serves the
+# evaluations: the stage starts its generator beside SFT, and a vLLM start would only slow the test.
 OVERRIDES = {
     "data.train_problems": 40, "data.val_problems": 20, "data.test_problems": 20, "eval.problems": 4,
+    "rollout.backend": "transformers",
     "sft.steps": 100_000, "sft.eval_every": 0, "sft.checkpoint_every": 0, "sft.log_every": 2,
     "sft.batch_sequences": 4,
     "tracking.enabled": True, "tracking.experiment": "interrupt",
