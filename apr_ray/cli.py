@@ -51,6 +51,7 @@ def _default_model(cfg: RunConfig, command: str) -> Path | None:
 def _run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     """Every stage command writes (or reuses) the data it needs first: `data` always leads `stages`."""
     from apr_ray.pipeline import Pipeline, summary_table
+    from apr_ray.workspace import Workspace, latest_checkpoint
 
     cfg = load_config(args.config, args.overrides)
     check_overrides_used(args.command, args.overrides)
@@ -64,7 +65,7 @@ def _run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
                   "model; pass --model DIR or run `apr-ray sft` first")
         check_overrides_used(args.command, args.overrides, model=model)
     resume = getattr(args, "resume", False)
-    if resume and not (Path(cfg.output_dir) / "grpo" / "checkpoints" / "latest").is_file():
+    if resume and latest_checkpoint(Workspace(cfg.output_dir).checkpoints("grpo")) is None:
         raise FileNotFoundError(f"--resume: no GRPO checkpoint under {cfg.output_dir}/grpo/checkpoints; run without "
                                 "--resume to start GRPO afresh")
     print(f"apr-ray {args.command}: preset {cfg.name}, stages {' → '.join(stages)}, output {cfg.output_dir}")

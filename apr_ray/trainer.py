@@ -234,10 +234,10 @@ class GRPOTrainer:
         """Load the latest checkpoint (weights, optimizer, step, policy version), make every generator serve
         its weights, and move the problem stream past the batches its steps used. Returns that step: the
         next one samples the same problems with the same seeds as an uninterrupted run would."""
-        from pathlib import Path
+        from apr_ray.workspace import latest_checkpoint
 
-        ckpt = Path(self.checkpoint_dir)
-        if not (ckpt / "latest").is_file():
+        ckpt, path = self.checkpoint_dir, latest_checkpoint(self.checkpoint_dir)
+        if path is None:
             raise FileNotFoundError(f"nothing to resume: no GRPO checkpoint in {ckpt} (DeepSpeed's 'latest' file is "
                                     "missing); run without --resume to start GRPO afresh")
         client = self.learner.load_checkpoint(ckpt)
@@ -248,8 +248,7 @@ class GRPOTrainer:
         self.pool.sync_weights(self.learner.publish_weights(self.transport, self.version))
         for _ in range(step):
             next(problems)
-        print(f"grpo: resumed from {ckpt / (ckpt / 'latest').read_text().strip()} (step {step}, policy version "
-              f"{self.version})", flush=True)
+        print(f"grpo: resumed from {path} (step {step}, policy version {self.version})", flush=True)
         return step
 
     def checkpoint(self, step: int) -> str:

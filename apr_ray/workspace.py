@@ -102,6 +102,12 @@ class Workspace:
             f.write(json.dumps(row) + "\n")
 
 
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint that DeepSpeed's `latest` file in `ckpt_dir` names; None when there is none."""
+    latest = Path(ckpt_dir) / "latest"
+    return Path(ckpt_dir) / latest.read_text().strip() if latest.is_file() else None
+
+
 def data_settings(cfg: RunConfig) -> dict:
     """What the problems and demonstrations depend on: the run's seed and its data section (but not how many
     workers write them: the same settings give the same rows with any number)."""
