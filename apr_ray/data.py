@@ -755,13 +755,23 @@ def generate_demos(
 
 
 def split_sft_stream(demos_path: str | Path, world_size: int, *, seed: int) -> list[DataIterator]:
-    """Driver side: one Ray Data iterator per learner rank over the demos (equal shares, blocks in a
+    """Driver side: one Ray Data iterator per learner rank over the demos (equal shares, row groups in a
     seeded order); hand iterator i to rank i and read it with `iter_sft_batches`."""
     import ray.data
 
-    files = [str(f) for f in parquet_files(demos_path)]
-    ds = ray.data.read_parquet(files).select_columns(SFT_COLUMNS).randomize_block_order(seed=seed)
+    row_groups = [{"file": str(f), "row_group": g} for f in parquet_files(demos_path)
+                  for g in range(pq.ParquetFile(f).num_row_groups)]
+    # Every task here asks for no CPU: the learners (and generators, and other jobs' actors) may hold all
+    # the cluster's CPUs while they read this stream, and `read_parquet` lists and samples files in tasks
+    # that wait for a CPU, so the SFT stage would hang.
+    ds = ray.data.from_items(row_groups, override_num_blocks=len(row_groups)).randomize_block_order(seed=seed)
+    ds = ds.map_batches(_read_row_groups, batch_size=None, batch_format="pyarrow", num_cpus=0)
     return ds.streaming_split(world_size, equal=True)
+
+
+def _read_row_groups(batch: pa.Table) -> pa.Table:
+    return pa.concat_tables(pq.ParquetFile(f).read_row_group(g, columns=SFT_COLUMNS)
+                            for f, g in zip(batch["file"].to_pylist(), batch["row_group"].to_pylist()))
 
 
 # --- local pipelines (no Ray): the same batch functions in a process pool ------------------------

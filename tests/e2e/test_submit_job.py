@@ -83,9 +83,12 @@ def tracking_server(tmp_path_factory):
 
 def submit(head, *args: str, overrides: dict = OVERRIDES, env: dict | None = None) -> subprocess.CompletedProcess:
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
-    return subprocess.run([sys.executable, "-m", "apr_ray.cli", "submit", "--address", head["address"], "--stack",
-                           "none", "--follow", *args, *sets], env=env or head["env"], capture_output=True,
-                          text=True, timeout=900)
+    try:  # within pytest's own timeout, so that a job that hangs shows what it printed
+        return subprocess.run([sys.executable, "-m", "apr_ray.cli", "submit", "--address", head["address"],
+                               "--stack", "none", "--follow", *args, *sets], env=env or head["env"],
+                              capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"apr-ray submit --follow still running after 600 s; it printed:\n{(e.stdout or '')[-6000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +136,12 @@ def test_a_submitted_run_is_followed_to_the_end_and_logs_to_the_tracking_server(
 
 def test_plain_ray_job_submit_runs_the_job_and_a_bad_config_fails_naming_the_key(plain_submission):
     proc, logs = plain_submission["proc"], plain_submission["logs"]
-    proc.wait(timeout=900)
+    try:
+        proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        pass  # reported below, with what the job printed
     stdout, stderr = (logs / "stdout.txt").read_text(), (logs / "stderr.txt").read_text()
+    assert proc.returncode is not None, "ray job submit still running after 600 s; it printed:\n" + stdout[-6000:]
     assert proc.returncode == 0 and "succeeded" in stdout.lower(), stdout[-4000:] + stderr[-4000:]
     bad = subprocess.run(["bash", plain_submission["script"], "--set", "sft.stepz=3"], env=plain_submission["env"],
                          capture_output=True, text=True, timeout=600)

@@ -120,6 +120,32 @@ def test_streamed_batches_cover_every_sequence_and_ranks_get_equal_disjoint_shar
     assert not set(ranks[0]) & set(ranks[1])
 
 
+def test_the_sft_stream_flows_while_actors_hold_every_cpu(ray_cluster, demos):
+    """Learners and generators (and other jobs' actors) can hold all the CPUs while the learners read."""
+    out, _, summary = demos
+
+    @ray_cluster.remote(num_cpus=1)
+    class CpuHolder:  # defined here so that Ray ships it by value (the tests are no package)
+        def ready(self) -> bool:
+            return True
+
+    holders = [CpuHolder.remote() for _ in range(int(ray_cluster.cluster_resources()["CPU"]))]
+    try:
+        ray_cluster.get([h.ready.remote() for h in holders], timeout=60)
+        assert ray_cluster.available_resources().get("CPU", 0) == 0
+        (stream,) = split_sft_stream(out, 1, seed=0)
+        got = []
+        reader = threading.Thread(target=lambda: got.extend(iter_sft_batches(stream, 8, shuffle_buffer=16, seed=0)),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout=120)
+        assert not reader.is_alive(), "the SFT stream waited for a CPU the actors hold"
+        assert sum(len(b) for b in got) == summary.sequences
+    finally:
+        for h in holders:
+            ray_cluster.kill(h)
+
+
 def test_ray_streaming_split_feeds_two_consumers(demos):
     out, _, summary = demos
     iterators = split_sft_stream(out, 2, seed=0)
