@@ -132,13 +132,13 @@ def cmd_data_demos(args: argparse.Namespace) -> int:
 
 
 def cmd_data_import_apr(args: argparse.Namespace) -> int:
-    from apr_ray import data
+    from apr_ray.apr_import import import_apr
     from apr_ray.tokenizer import build_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     check_overrides_used("data import-apr", args.overrides)
-    summary = data.import_apr(args.file, args.out, build_tokenizer(), kind=args.kind, fmt=cfg.data.demos.format,
-                              limit=args.limit, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = import_apr(args.file, args.out, build_tokenizer(), kind=args.kind, fmt=cfg.data.demos.format,
+                         limit=args.limit, overwrite=args.overwrite, progress=not args.no_progress)
     print(summary.report())
     return 0
 

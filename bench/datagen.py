@@ -25,7 +25,8 @@ from pathlib import Path
 from apr_ray.countdown.demos import flatten_apr, flatten_sosp
 from apr_ray.countdown.problems import ProblemConfig, generate_problems, is_solvable
 from apr_ray.countdown.solvers import SolverConfig, solve_apr, solve_sosp
-from apr_ray.data import DemosConfig, DemoWorker, TextEncoder, import_apr, problems_table
+from apr_ray.apr_import import import_apr
+from apr_ray.data import DemosConfig, DemoWorker, TextEncoder, problems_table
 from apr_ray.tokenizer import build_tokenizer
 
 

@@ -23,15 +23,13 @@ from apr_ray.data import (
     DEMOS_SCHEMA,
     EOS_ID,
     DemoFormat,
-    ImportFormatError,
     TextEncoder,
     demos_schema,
-    import_apr,
-    iter_json_records,
     iter_sft_batches,
     read_demo_rows,
     summarize_demos,
 )
+from apr_ray.apr_import import ImportFormatError, import_apr, iter_json_records
 from apr_ray.tokenizer import build_tokenizer
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "apr_reference_sample.json"
