@@ -198,7 +198,7 @@ def test_presets_differ_where_their_files_say():
     assert load_config("tiny").protocol != "sosp"
     long = load_config("tiny-long")
     learner = long.sft.learner
-    assert (long.sft.steps, learner.lr, learner.decay_start, learner.decay_steps) == (3200, 2e-3, 2400, 2500)
+    assert (long.sft.steps, learner.lr, learner.decay_start, learner.decay_steps) == (6000, 2e-3, 5000, 5100)
     assert learner.weight_decay == RunConfig().sft.learner.weight_decay  # only what the file names differs
 
 
