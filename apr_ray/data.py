@@ -713,13 +713,14 @@ def generate_problem_data(
 def problems_dataset(path: str | Path, split: str, limit: int | None = None, block_rows: int = 1024) -> Dataset:
     """A Ray dataset of one split's problems in index order, `block_rows` per block.
 
-    Read on the driver (a problem is ~40 bytes: 500k fit in ~20 MB) and handed over as separate blocks:
-    Ray Data gives each input bundle to one task, so one block per file would run one task per file.
+    Read on the driver (a problem is ~40 bytes: 500k fit in ~20 MB) and handed over as rows: `from_items`
+    builds its blocks here, where `from_arrow` computes their metadata in tasks that wait for a CPU, and
+    the learner and the generators reading this stream may hold every CPU of the cluster.
     """
     import ray.data
 
     table = read_problems_table(path, split, limit)
-    return ray.data.from_arrow(_problem_blocks(table, block_rows))
+    return ray.data.from_items(table.to_pylist(), override_num_blocks=max(1, math.ceil(table.num_rows / block_rows)))
 
 
 def generate_demos(

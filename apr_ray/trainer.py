@@ -47,6 +47,9 @@ class GRPOResult:
     nonempty_steps: int = 0  # steps with at least one group whose rewards differ (a non-zero update)
 
 
+SHUFFLE_ROWS = 8192  # problems mixed across blocks of 1,024 in each epoch's order
+
+
 def problem_stream(problems_dir: Any, batch: int, seed: int) -> Iterator[list[Problem]]:
     """Train problems from Ray Data, `batch` at a time, forever; each epoch in a new seeded order."""
     from apr_ray.data import problems_dataset
@@ -55,8 +58,11 @@ def problem_stream(problems_dir: Any, batch: int, seed: int) -> Iterator[list[Pr
     epoch = 0
     while True:
         produced = False
-        for table in ds.random_shuffle(seed=seed + epoch).iter_batches(batch_size=batch, batch_format="pyarrow",
-                                                                       drop_last=True):
+        # Blocks in a seeded order, rows mixed in a seeded buffer on this process: no task asks for a CPU,
+        # which the learner and the generators may all hold (Ray Data's random_shuffle would wait for one).
+        epoch_order = ds.randomize_block_order(seed=seed + epoch)
+        for table in epoch_order.iter_batches(batch_size=batch, batch_format="pyarrow", drop_last=True,
+                                              local_shuffle_buffer_size=SHUFFLE_ROWS, local_shuffle_seed=seed + epoch):
             produced = True
             yield [Problem(int(t), tuple(int(n) for n in nums))
                    for t, nums in zip(table["target"].to_pylist(), table["nums"].to_pylist())]

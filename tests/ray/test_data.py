@@ -120,9 +120,9 @@ def test_streamed_batches_cover_every_sequence_and_ranks_get_equal_disjoint_shar
     assert not set(ranks[0]) & set(ranks[1])
 
 
-def test_the_sft_stream_flows_while_actors_hold_every_cpu(ray_cluster, demos):
-    """Learners and generators (and other jobs' actors) can hold all the CPUs while the learners read."""
-    out, _, summary = demos
+@pytest.fixture
+def every_cpu_held(ray_cluster):
+    """Actors holding all the CPUs, as learners and generators (and other jobs' actors) can."""
 
     @ray_cluster.remote(num_cpus=1)
     class CpuHolder:  # defined here so that Ray ships it by value (the tests are no package)
@@ -133,17 +133,41 @@ def test_the_sft_stream_flows_while_actors_hold_every_cpu(ray_cluster, demos):
     try:
         ray_cluster.get([h.ready.remote() for h in holders], timeout=60)
         assert ray_cluster.available_resources().get("CPU", 0) == 0
-        (stream,) = split_sft_stream(out, 1, seed=0)
-        got = []
-        reader = threading.Thread(target=lambda: got.extend(iter_sft_batches(stream, 8, shuffle_buffer=16, seed=0)),
-                                  daemon=True)
-        reader.start()
-        reader.join(timeout=120)
-        assert not reader.is_alive(), "the SFT stream waited for a CPU the actors hold"
-        assert sum(len(b) for b in got) == summary.sequences
+        yield
     finally:
         for h in holders:
             ray_cluster.kill(h)
+
+
+def read_within(seconds: float, read) -> list:
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(read()), daemon=True)
+    reader.start()
+    reader.join(timeout=seconds)
+    assert not reader.is_alive(), "the stream waited for a CPU the actors hold"
+    return got
+
+
+def test_the_sft_stream_flows_while_actors_hold_every_cpu(every_cpu_held, demos):
+    out, _, summary = demos
+    (stream,) = split_sft_stream(out, 1, seed=0)
+    got = read_within(120, lambda: iter_sft_batches(stream, 8, shuffle_buffer=16, seed=0))
+    assert sum(len(b) for b in got) == summary.sequences
+
+
+def test_the_grpo_problem_stream_flows_while_actors_hold_every_cpu(every_cpu_held, problems):
+    from itertools import islice
+
+    from apr_ray.trainer import problem_stream
+
+    path = problems
+    train = read_problems(path, "train")
+    got = read_within(120, lambda: islice(problem_stream(path, 4, seed=0), len(train) // 4 + 1))
+    first_epoch = [p for batch in got[: len(train) // 4] for p in batch]
+    assert len(first_epoch) == len(train) // 4 * 4 and len(set(first_epoch)) == len(first_epoch)
+    assert set(first_epoch) <= set(train) and len(got[-1]) == 4  # and the next epoch starts
+    again = read_within(120, lambda: islice(problem_stream(path, 4, seed=0), len(train) // 4 + 1))
+    assert again == got  # same seed, same order: `apr-ray grpo --resume` skips the finished steps' batches
 
 
 def test_ray_streaming_split_feeds_two_consumers(demos):
