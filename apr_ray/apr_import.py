@@ -22,10 +22,10 @@ from apr_ray.data import (
     DemoFormat,
     DemosSummary,
     TextEncoder,
-    _prepare_output,
     check_demo_text,
     demos_schema,
     demos_table,
+    prepare_output,
     summarize_demos,
 )
 
@@ -215,7 +215,7 @@ def import_apr(
     if not json_path.is_file():
         raise FileNotFoundError(f"no file at {json_path}")
     start = time.perf_counter()
-    out = _prepare_output(out_dir, overwrite)
+    out = prepare_output(out_dir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     rejected_path = out.with_name(out.name + ".rejected.jsonl")
     records = 0

@@ -664,7 +664,7 @@ def _problem_blocks(table: pa.Table, block_rows: int, copy: bool = False) -> lis
 # --- Ray Data pipelines -------------------------------------------------------------------------
 
 
-def _prepare_output(out_dir: str | Path, overwrite: bool) -> Path:
+def prepare_output(out_dir: str | Path, overwrite: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -701,7 +701,7 @@ def generate_problem_data(
 
     start = time.perf_counter()
     cfg, plan, blocks = _plan_problem_data(sizes, seed, problem, workers)
-    out = _prepare_output(out_dir, overwrite)
+    out = prepare_output(out_dir, overwrite)
     _progress(progress)
     ds = ray.data.from_items(plan, override_num_blocks=blocks)
     ds = ds.map_batches(_problems_batch, fn_kwargs={"cfg": cfg, "seed": seed}, batch_size=None,
@@ -743,7 +743,7 @@ def generate_demos(
     cfg = config or DemosConfig()
     start = time.perf_counter()
     ds = problems_dataset(problems_path, split, limit, block_rows=cfg.batch_problems)
-    out = _prepare_output(out_dir, overwrite)
+    out = prepare_output(out_dir, overwrite)
     _progress(progress)
     encoder = _demo_encoder(tokenizer)
     ds = ds.map_batches(_demos_batch, fn_kwargs={"config": cfg, "encoder": encoder}, batch_size=cfg.batch_problems,
@@ -759,8 +759,7 @@ def split_sft_stream(demos_path: str | Path, world_size: int, *, seed: int) -> l
     seeded order); hand iterator i to rank i and read it with `iter_sft_batches`."""
     import ray.data
 
-    row_groups = [{"file": str(f), "row_group": g} for f in parquet_files(demos_path)
-                  for g in range(pq.ParquetFile(f).num_row_groups)]
+    row_groups = [{"file": str(f), "row_group": g} for f, g, _ in _row_groups(demos_path)]
     # Every task here asks for no CPU: the learners (and generators, and other jobs' actors) may hold all
     # the cluster's CPUs while they read this stream, and `read_parquet` lists and samples files in tasks
     # that wait for a CPU, so the SFT stage would hang.
@@ -834,7 +833,7 @@ def generate_problem_data_local(
     whose top level is guarded by `if __name__ == "__main__":` (spawned workers import the main module)."""
     start = time.perf_counter()
     cfg, plan, blocks = _plan_problem_data(sizes, seed, problem, workers)
-    out = _prepare_output(out_dir, overwrite)
+    out = prepare_output(out_dir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     bounds = [len(plan) * k // blocks for k in range(blocks + 1)]
     parts = [(_problems_part, (_part_path(out, k), plan[bounds[k]:bounds[k + 1]], cfg, seed)) for k in range(blocks)]
@@ -862,7 +861,7 @@ def generate_demos_local(
     cfg = config or DemosConfig()
     start = time.perf_counter()
     table = read_problems_table(problems_path, split, limit)
-    out = _prepare_output(out_dir, overwrite)
+    out = prepare_output(out_dir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     encoder = _demo_encoder(tokenizer)
     blocks = _problem_blocks(table, cfg.batch_problems, copy=workers > 1)

@@ -87,13 +87,12 @@ def test_a_child_thread_opened_in_chromium_shows_its_text_and_is_highlighted(pag
 
     assert not errors, errors
     assert url.endswith(f"#req={child.request_id}")
-    assert output == tokenizer_text(child.output_ids) and prompt_text == tokenizer_text(child.prompt_ids)
+    tokenizer = build_tokenizer()
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731  (as `apr-ray view`)
+    assert output == decode(child.output_ids) and prompt_text == decode(child.prompt_ids)
     assert (tmp_path / "viewer.png").stat().st_size > 10_000  # a rendered page, not a blank one
     image = Image.open(io.BytesIO(row_shot)).convert("RGB")
     colours = image.getcolors(maxcolors=1 << 20) or []
     highlighted = sum(n for n, c in colours if c == SELECTED_ROW)
     assert highlighted > 0.5 * image.width * image.height, f"row not highlighted: {sorted(colours)[-3:]}"
 
-
-def tokenizer_text(ids: list[int]) -> str:
-    return build_tokenizer().decode(ids, skip_special_tokens=False)  # as `apr-ray view` decodes
