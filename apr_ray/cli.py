@@ -55,9 +55,10 @@ def _run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
 
     cfg = load_config(args.config, args.overrides)
     check_overrides_used(args.command, args.overrides)
-    model = getattr(args, "model", None)
-    if model is not None and not (Path(model) / "config.json").is_file():
-        raise FileNotFoundError(f"--model {model}: not a model directory (no config.json)")
+    model, baseline = getattr(args, "model", None), getattr(args, "baseline", None)
+    for flag, path in (("--model", model), ("--baseline", baseline)):
+        if path is not None and not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"{flag} {path}: not a model directory (no config.json)")
     if args.command in ("grpo", "eval"):
         model = model or _default_model(cfg, args.command)
         if model is None:
@@ -70,7 +71,8 @@ def _run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
                                 "--resume to start GRPO afresh")
     print(f"apr-ray {args.command}: preset {cfg.name}, stages {' → '.join(stages)}, output {cfg.output_dir}")
     pipeline = Pipeline(cfg, progress=not args.no_progress, resume=resume)
-    report = pipeline.run(stages, model_dir=Path(model) if model else None)
+    report = pipeline.run(stages, model_dir=Path(model) if model else None,
+                          baseline_dir=Path(baseline) if baseline else None)
     print(summary_table(report))
     return 130 if report.interrupted else 0
 
@@ -88,7 +90,9 @@ def cmd_grpo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    return _run_stages(args, ("data", "eval"))
+    if args.baseline is not None and not args.sweep:
+        raise ValueError("--baseline compares a serial model with --model in a sweep: add --sweep")
+    return _run_stages(args, ("data", "sweep") if args.sweep else ("data", "eval"))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -167,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name in ("grpo", "eval"):
             stage.add_argument("--model", type=Path, default=None, help="model directory (HF layout)")
+        if name == "eval":
+            stage.add_argument("--sweep", action="store_true",
+                               help="the test-time curves instead of one evaluation: accuracy vs context window, "
+                                    "vs generated tokens (pass@n, cons@n) and vs latency (eval.sweep.*), written "
+                                    "under output_dir/eval/sweep and logged to MLflow")
+            stage.add_argument("--baseline", type=Path, default=None,
+                               help="with --sweep: a serial SoS+ model directory swept beside the APR --model")
         if name == "grpo":
             stage.add_argument("--resume", action="store_true",
                                help="continue from the latest checkpoint in output_dir/grpo/checkpoints (after a "

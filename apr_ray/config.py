@@ -25,6 +25,7 @@ from apr_ray.rewards import RewardConfig
 from apr_ray.rollout.engine_config import VllmEngineConfig
 from apr_ray.rollout.engines import SamplingConfig
 from apr_ray.rollout.runtime import RuntimeConfig
+from apr_ray.sweep import SweepConfig
 from apr_ray.tracking import TrackingConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -163,6 +164,7 @@ class EvalConfig(BaseModel):
         10, ge=0, description="of the evaluated problems, the first this many (at most all) are also sampled samples_per_problem "
         "times like the training rollouts (val/sampled_solved: the earlier, steadier RL signal); 0: off")
     samples_per_problem: int = Field(4, ge=1, description="samples per problem of the sampled evaluation")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="what `apr-ray eval --sweep` measures")
 
 
 class RunConfig(BaseModel):
@@ -198,6 +200,12 @@ class RunConfig(BaseModel):
         if self.eval.problems > split_size:
             raise ValueError(f"eval.problems ({self.eval.problems}) exceeds the {self.eval.split} split "
                              f"(data.{self.eval.split}_problems = {split_size})")
+        if self.eval.sweep.problems > split_size:
+            raise ValueError(f"eval.sweep.problems ({self.eval.sweep.problems}) exceeds the {self.eval.split} split "
+                             f"(data.{self.eval.split}_problems = {split_size})")
+        if max(self.eval.sweep.windows) > positions:
+            raise ValueError(f"eval.sweep.windows reach {max(self.eval.sweep.windows)} tokens, beyond "
+                             f"model.max_position_embeddings ({positions})")
         if self.grpo.steps > 0:
             # The rollouts record vLLM's raw logprobs (the unmodified distribution) and grpo.policy_loss takes
             # its ratio against them, so the tokens must be drawn from that same distribution. A warped sampler
@@ -366,17 +374,19 @@ def _merge(base: Any, override: Any) -> Any:
 # is in force. Presets and YAML files are shared by all commands, so only --set is checked.
 _NO_GRPO = "it runs no GRPO (`apr-ray grpo` and `apr-ray run` do)"
 _NO_SFT = "it runs no SFT (`apr-ray sft` and `apr-ray run` do)"
+_NO_SWEEP = "it runs no sweep (`apr-ray eval --sweep` does)"
 _EVAL_SAMPLING = ("how GRPO's training rollouts sample; evaluations sample with eval.sampling "
                   "(--set eval.sampling.temperature=...)")
 UNUSED_BY_COMMAND: dict[str, tuple[tuple[str, str | None], ...]] = {
-    "run": (),
+    "run": (("eval.sweep", _NO_SWEEP),),
     "config show": (),
-    "sft": (("grpo", _NO_GRPO), ("rollout.runtime.sampling", _EVAL_SAMPLING)),
-    "grpo": (("sft", _NO_SFT),),
+    "sft": (("grpo", _NO_GRPO), ("rollout.runtime.sampling", _EVAL_SAMPLING), ("eval.sweep", _NO_SWEEP)),
+    "grpo": (("sft", _NO_SFT), ("eval.sweep", _NO_SWEEP)),
     "eval": (("sft", _NO_SFT), ("grpo", _NO_GRPO), ("learners", "it trains nothing"),
              ("rollout.runtime.sampling", _EVAL_SAMPLING)),
     "plain": (
         ("grpo", "the plain script runs SFT and evaluation only"),
+        ("eval.sweep", _NO_SWEEP),
         ("tracking", "the plain script writes metrics to output_dir/metrics.jsonl, not to MLflow"),
         ("learners", "the plain script trains in its own process (sft.learner.torch_threads sets its threads)"),
         ("data.num_workers", "the plain script writes data with --workers processes"),

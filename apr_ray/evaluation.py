@@ -97,9 +97,11 @@ class Evaluator:
     def run_engine(self, engine: Engine) -> EvalResult:
         """Roll out every problem (and the sampled ones) on `engine` in this thread (its own event loop)."""
         start = time.perf_counter()
-        trees = asyncio.run(self._rollouts(engine, self.problems, 1, self.runtime_cfg))
-        sampled = asyncio.run(self._rollouts(engine, self.sampled, self.samples_per_problem,
-                                             self.runtime_cfg.model_copy(update={"sampling": self.sampled_sampling})))
+        trees = asyncio.run(roll_out(engine, self.tokenizer, self.protocol, self.runtime_cfg, self.problems, 1,
+                                      self.max_concurrent_trees))
+        sampled = asyncio.run(roll_out(engine, self.tokenizer, self.protocol,
+                                       self.runtime_cfg.model_copy(update={"sampling": self.sampled_sampling}),
+                                       self.sampled, self.samples_per_problem, self.max_concurrent_trees))
         return self.score(trees, time.perf_counter() - start, sampled)
 
     def run_pool(self, pool: Any) -> EvalResult:
@@ -111,14 +113,15 @@ class Evaluator:
             sampled, _ = pool.rollout(self.sampled, self.samples_per_problem, seed=0, sampling=self.sampled_sampling)
         return self.score(trees, time.perf_counter() - start, sampled)
 
-    async def _rollouts(self, engine: Engine, problems: Sequence[Problem], k: int,
-                        runtime_cfg: RuntimeConfig) -> list[TreeRecord]:
-        runtime = Runtime(engine, self.tokenizer, get_protocol(self.protocol), runtime_cfg)
-        return await bounded_gather(
-            (runtime.run_tree(p.target, p.nums, problem_id=p.problem_id, seed=i * k + j)
-             for i, p in enumerate(problems) for j in range(k)),
-            self.max_concurrent_trees,
-        )
+async def roll_out(engine: Engine, tokenizer: Any, protocol: str, runtime_cfg: RuntimeConfig,
+                   problems: Sequence[Problem], k: int = 1, max_concurrent_trees: int = 64) -> list[TreeRecord]:
+    """`k` trees per problem on `engine`, problem by problem; tree j of problem i has seed i * k + j."""
+    runtime = Runtime(engine, tokenizer, get_protocol(protocol), runtime_cfg)
+    return await bounded_gather(
+        (runtime.run_tree(p.target, p.nums, problem_id=p.problem_id, seed=i * k + j)
+         for i, p in enumerate(problems) for j in range(k)),
+        max_concurrent_trees,
+    )
 
 
 def paired_difference(before: Sequence[bool], after: Sequence[bool]) -> tuple[float, float, float]:

@@ -20,6 +20,7 @@ from typing import Any
 from apr_ray.config import ConfigError, RunConfig, dump_config
 from apr_ray.evaluation import LADDER_KEYS, EvalResult, Evaluator, paired_difference
 from apr_ray.data import has_parquet
+from apr_ray.sweep import markdown_table
 from apr_ray.workspace import Workspace, ensure_init_model
 
 STAGES = ("data", "sft", "grpo", "eval")
@@ -317,9 +318,50 @@ class Pipeline:
             self._start_pool(model_dir)
         return self.evaluate_on_pool(split)
 
+    def sweep(self, model_dir: Path, baseline_dir: Path | None = None) -> dict[str, list[dict[str, Any]]]:
+        """`apr-ray eval --sweep`: the context-window, total-tokens and latency curves of `model_dir` (and of
+        the serial SoS+ model `baseline_dir`) on eval.split, in this process on the transformers engine.
+        Tables (CSV, Markdown) and plots (PNG) under eval/sweep/, logged to the eval run in MLflow."""
+        from apr_ray.data import read_problems
+        from apr_ray.sweep import Sweep, SweptModel, write_sweep
+        from apr_ray.tokenizer import build_tokenizer
+
+        cfg = self.cfg
+        if baseline_dir is not None and cfg.protocol != "apr":
+            raise ConfigError(f"--baseline is the serial model an APR --model is compared with, but this config "
+                              f"trains {cfg.protocol!r} (data.demos.kind): sweep it alone with --model")
+        problems = read_problems(self.ws.problems, cfg.eval.split)
+        tokenizer = build_tokenizer()
+        label = {"apr": "APR", "sosp": "SoS+"}
+        models = [SweptModel(label[cfg.protocol], cfg.protocol, self._local_engine(model_dir, tokenizer))]
+        if baseline_dir is not None:
+            models.append(SweptModel(label["sosp"], "sosp", self._local_engine(baseline_dir, tokenizer)))
+        start = time.perf_counter()
+        tables = Sweep(cfg.eval.sweep, problems, tokenizer, cfg.rollout.runtime).run(models)
+        out = self.ws.eval_dir / "sweep"
+        write_sweep(tables, out, f"{cfg.name}, {cfg.eval.split} split")
+        tracker = self.tracker.child("eval")
+        tracker.log_artifact(out, "eval/sweep")
+        tracker.end()
+        self.tracker.log_artifact(out, "eval/sweep")
+        self.report.stage_s["sweep"] = time.perf_counter() - start
+        for name, rows in tables.items():
+            print(f"\n{name} ({out / name}.csv)\n" + markdown_table(rows), flush=True)
+        return tables
+
+    @staticmethod
+    def _local_engine(model_dir: Path, tokenizer: Any) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        from apr_ray.rollout.engines import TransformersEngine
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        return TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
     # ------------------------------------------------------------------ the whole job
 
-    def run(self, stages: tuple[str, ...] = STAGES, model_dir: Path | None = None) -> PipelineReport:
+    def run(self, stages: tuple[str, ...] = STAGES, model_dir: Path | None = None,
+            baseline_dir: Path | None = None) -> PipelineReport:
         self.stages = stages
         status = "FINISHED"
         try:
@@ -335,6 +377,8 @@ class Pipeline:
                 model = self.grpo(model)
             elif "eval" in stages:
                 self.evaluate_model_dir(model)
+            elif "sweep" in stages:
+                self.sweep(model, baseline_dir)
             self.report.model_dir = str(model)
             if model != self.ws.init_model:
                 self.tracker.log_model_dir(Path(model), "model")

@@ -5,6 +5,7 @@ other data settings is refused naming the setting. The transformers engine serve
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -91,3 +92,37 @@ def test_a_workspace_with_other_data_settings_names_the_setting(plain_workspace)
                           timeout=120)
     assert proc.returncode == 2
     assert "data.val_problems: 6 there, 7 here" in proc.stderr
+
+
+def test_eval_sweep_writes_the_three_curves_and_logs_them_to_mlflow(plain_workspace, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out, model = tmp_path / "sweep", plain_workspace / "sft" / "model"
+    sweep = {"eval.sweep.problems": 3, "eval.sweep.windows": "[40,96]", "eval.sweep.children": "[1,2]",
+             "eval.sweep.samples": "[1,2]", "eval.sweep.latency_problems": 2, "tracking.experiment": "sweep"}
+    # the 4-step model stands in for both: the sweep's plumbing is under test here, not the ordering
+    proc = run(["apr_ray.cli", "eval", "--sweep", "--no-progress", "--model", str(model), "--baseline", str(model),
+                "--set", f"output_dir={out}", *sets(DATA | SHORT | sweep)])
+    local = out / "eval" / "sweep"
+    for name in ("context", "tokens", "latency"):
+        assert f"{name} ({local / name}.csv)" in proc.stdout
+    context = list(csv.DictReader((local / "context.csv").open()))
+    assert [(r["model"], r["setting"], r["window"]) for r in context] == [
+        ("APR", s, w) for s in ("1 child", "2 children") for w in ("40", "96")] + [
+        ("SoS+", "no budget", w) for w in ("40", "96")]
+    for r in context:
+        if r["model"] == "SoS+":  # one thread: it cannot generate more than its window holds
+            assert float(r["tokens_total_mean"]) < int(r["window"])
+    tokens = list(csv.DictReader((local / "tokens.csv").open()))
+    assert {(r["metric"], r["n"]) for r in tokens} == {("greedy", "1"), ("pass@n", "1"), ("pass@n", "2"),
+                                                       ("cons@n", "1"), ("cons@n", "2")}
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "eval/sweep")}
+    assert logged == {f"eval/sweep/{n}.{e}" for n in ("context", "tokens", "latency") for e in ("csv", "md", "png")}
+    fetched = client.download_artifacts(parent.info.run_id, "eval/sweep/latency.csv", str(tmp_path))
+    assert open(fetched).read() == (local / "latency.csv").read_text()
+    eval_run = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert {a.path for a in client.list_artifacts(eval_run.info.run_id, "eval/sweep")} == logged

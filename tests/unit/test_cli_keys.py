@@ -4,6 +4,8 @@ real entry point for the keys it leaves unused, and checks the keys a user would
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from apr_ray import plain
@@ -29,6 +31,8 @@ def as_yaml(value: object) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, list):
+        return json.dumps(value)  # JSON is YAML, and writes None as null
     return str(value)
 
 
