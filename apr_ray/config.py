@@ -200,12 +200,6 @@ class RunConfig(BaseModel):
         if self.eval.problems > split_size:
             raise ValueError(f"eval.problems ({self.eval.problems}) exceeds the {self.eval.split} split "
                              f"(data.{self.eval.split}_problems = {split_size})")
-        if self.eval.sweep.problems > split_size:
-            raise ValueError(f"eval.sweep.problems ({self.eval.sweep.problems}) exceeds the {self.eval.split} split "
-                             f"(data.{self.eval.split}_problems = {split_size})")
-        if max(self.eval.sweep.windows) > positions:
-            raise ValueError(f"eval.sweep.windows reach {max(self.eval.sweep.windows)} tokens, beyond "
-                             f"model.max_position_embeddings ({positions})")
         if self.grpo.steps > 0:
             # The rollouts record vLLM's raw logprobs (the unmodified distribution) and grpo.policy_loss takes
             # its ratio against them, so the tokens must be drawn from that same distribution. A warped sampler

@@ -330,14 +330,14 @@ class Pipeline:
         if baseline_dir is not None and cfg.protocol != "apr":
             raise ConfigError(f"--baseline is the serial model an APR --model is compared with, but this config "
                               f"trains {cfg.protocol!r} (data.demos.kind): sweep it alone with --model")
-        problems = read_problems(self.ws.problems, cfg.eval.split)
         tokenizer = build_tokenizer()
+        sweep = Sweep(cfg.eval.sweep, read_problems(self.ws.problems, cfg.eval.split), tokenizer, cfg.rollout.runtime)
         label = {"apr": "APR", "sosp": "SoS+"}
         models = [SweptModel(label[cfg.protocol], cfg.protocol, self._local_engine(model_dir, tokenizer))]
         if baseline_dir is not None:
             models.append(SweptModel(label["sosp"], "sosp", self._local_engine(baseline_dir, tokenizer)))
         start = time.perf_counter()
-        tables = Sweep(cfg.eval.sweep, problems, tokenizer, cfg.rollout.runtime).run(models)
+        tables = sweep.run(models)
         out = self.ws.eval_dir / "sweep"
         write_sweep(tables, out, f"{cfg.name}, {cfg.eval.split} split")
         tracker = self.tracker.child("eval")
@@ -349,13 +349,16 @@ class Pipeline:
             print(f"\n{name} ({out / name}.csv)\n" + markdown_table(rows), flush=True)
         return tables
 
-    @staticmethod
-    def _local_engine(model_dir: Path, tokenizer: Any) -> Any:
+    def _local_engine(self, model_dir: Path, tokenizer: Any) -> Any:
         from transformers import AutoModelForCausalLM
 
         from apr_ray.rollout.engines import TransformersEngine
 
         model = AutoModelForCausalLM.from_pretrained(model_dir)
+        windows = self.cfg.eval.sweep.windows
+        if max(windows) > model.config.max_position_embeddings:
+            raise ConfigError(f"eval.sweep.windows reach {max(windows)} tokens, but {model_dir} attends to "
+                              f"{model.config.max_position_embeddings} positions (max_position_embeddings)")
         return TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------ the whole job

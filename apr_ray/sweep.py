@@ -122,7 +122,8 @@ class Sweep:
     def __init__(self, cfg: SweepConfig, problems: Sequence[Problem], tokenizer: Any, runtime: RuntimeConfig,
                  progress: Any = print) -> None:
         if len(problems) < cfg.problems:
-            raise ValueError(f"eval.sweep.problems = {cfg.problems} but the split holds {len(problems)} problems")
+            raise ValueError(f"eval.sweep.problems = {cfg.problems}, but the evaluated split holds {len(problems)} "
+                             "problems (data.val_problems / data.test_problems)")
         self.cfg, self.tokenizer, self.progress = cfg, tokenizer, progress
         self.problems = list(problems[: cfg.problems])
         self.runtime = runtime.model_copy(update={"sampling": SamplingConfig(temperature=0.0)})

@@ -104,3 +104,9 @@ def test_the_three_tables_on_replayed_demonstrations(replay, tmp_path):
     assert (tmp_path / "context.csv").read_text().splitlines()[0] == (
         "model,setting,window,problems,solved,stopped_by_window,tokens_total_mean,tokens_critical_path_mean")
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_more_sweep_problems_than_the_split_holds_names_the_key(replay):
+    tok, problems = replay[0], replay[1]
+    with pytest.raises(ValueError, match=r"eval.sweep.problems = 20, but the evaluated split holds 12"):
+        Sweep(SweepConfig(problems=20), problems, tok, RuntimeConfig())
