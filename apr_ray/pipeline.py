@@ -423,7 +423,8 @@ def summary_table(report: PipelineReport) -> str:
         table.add_row(key, *cells)
     buf = StringIO()
     console = Console(file=buf, width=110, force_terminal=False)
-    console.print(table)
+    if report.evaluations:  # a sweep has its own tables
+        console.print(table)
     before, after = report.solved.get("after SFT"), report.solved.get("after GRPO")
     if before and after and len(before) == len(after):
         mean, lo, hi = paired_difference(before, after)

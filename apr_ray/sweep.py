@@ -239,6 +239,9 @@ def plot(name: str, rows: Sequence[dict[str, Any]], title: str) -> Any:
         greedy = [r for r in rows if r["metric"] == "greedy"]
         ax.scatter([r["tokens_per_problem"] for r in greedy], [r["accuracy"] for r in greedy], marker="*", s=120,
                    color="black", label="greedy", zorder=3)
+        for r in greedy:
+            ax.annotate(f"{r['model']}, {r['setting']}", (r["tokens_per_problem"], r["accuracy"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
         ax.set_xscale("log")
         ax.set_xlabel("generated tokens per problem (mean)")
         ax.set_ylabel("accuracy")
