@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The APR-vs-serial ordering, small (docs/results.md, "APR vs SoS+"): an APR model and an SoS+ model trained
 # with the same SFT compute on the same problems, then swept side by side (`apr-ray eval --sweep`).
-#   jobs/ordering.sh                  # 2 CPU cores: two ~27-minute SFT runs, then the sweep
+#   jobs/ordering.sh                  # 2 CPU cores, 47 min: two ~20-minute SFT runs, then a 6-minute sweep
 #   OUT=runs/ord2 SEED=1 jobs/ordering.sh
 # A model already trained under $OUT is reused, so a stopped run continues with what is missing.
 #
