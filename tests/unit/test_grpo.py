@@ -419,3 +419,16 @@ def test_one_step_raises_the_rewarded_tree_and_lowers_the_other():
     after = mean_logprob_per_tree()
     assert after[0] > before[0] + 1e-3
     assert after[1] < before[1] - 1e-3
+
+
+def test_rollout_metrics_report_the_critical_path_of_correct_trees_only():
+    from apr_ray.trainer import rollout_metrics
+    from apr_ray.types import TreeMetrics, TreeRecord
+
+    def tree(correct: bool, total: int, cp: int) -> TreeRecord:
+        return TreeRecord(1, [1], [], TreeMetrics(total, cp, 1, 1, 0, cp, 0.0), "x" if correct else None, correct)
+
+    m = rollout_metrics([tree(True, 300, 100), tree(False, 900, 900), tree(True, 500, 300)], [1.0, 0.0, 1.0], 0)
+    assert m["correct_critical_path_mean"] == 200 and m["correct_tokens_total_mean"] == 400
+    assert m["tokens_critical_path_mean"] == (100 + 900 + 300) / 3
+    assert "correct_critical_path_mean" not in rollout_metrics([tree(False, 10, 10)], [0.0], 0)
