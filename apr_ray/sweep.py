@@ -157,8 +157,9 @@ class Sweep:
         sampled = self.runtime.model_copy(update={"sampling": SamplingConfig(temperature=self.cfg.temperature)})
         for setting, update in settings(model.protocol, self.cfg):
             greedy = self._trees(model, self.runtime.model_copy(update=update), self.problems)
+            greedy_solved = _solved(greedy)
             rows.append({"model": model.label, "setting": setting, "metric": "greedy", "n": 1,
-                         "accuracy": _solved(greedy),
+                         "accuracy": greedy_solved,
                          "tokens_per_problem": _mean([t.metrics.tokens_total for t in greedy])})
             trees = self._trees(model, sampled.model_copy(update=update), self.problems, k=n_max)
             groups = [trees[i : i + n_max] for i in range(0, len(trees), n_max)]
@@ -167,8 +168,8 @@ class Sweep:
                 for metric, score in (("pass", pass_at), ("cons", cons_at)):
                     rows.append({"model": model.label, "setting": setting, "metric": f"{metric}@n", "n": n,
                                  "accuracy": score(groups, n), "tokens_per_problem": tokens})
-            self.progress(f"sweep tokens: {model.label} {setting}: greedy {rows[-2 * len(self.cfg.samples) - 1]['accuracy']:.3f}, "
-                          f"pass@{n_max} {rows[-2]['accuracy']:.3f}, cons@{n_max} {rows[-1]['accuracy']:.3f}")
+            self.progress(f"sweep tokens: {model.label} {setting}: greedy {greedy_solved:.3f}, "
+                          f"pass@{n_max} {pass_at(groups, n_max):.3f}, cons@{n_max} {cons_at(groups, n_max):.3f}")
         return rows
 
     def latency(self, model: SweptModel) -> list[dict[str, Any]]:

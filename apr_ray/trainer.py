@@ -77,8 +77,10 @@ def rollout_metrics(trees: list[TreeRecord], rewards: list[float], learner_versi
     lags = [learner_version - t.policy_version for t in trees] or [0]
     correct = [t for t in trees if t.correct]
     # what the critical-path bonus should shorten; absent in a step without a correct tree (not 0)
-    on_correct = {"correct_critical_path_mean": sum(t.metrics.tokens_critical_path for t in correct) / len(correct),
-                  "correct_tokens_total_mean": sum(t.metrics.tokens_total for t in correct) / len(correct)} if correct else {}
+    on_correct = {
+        "correct_critical_path_mean": sum(t.metrics.tokens_critical_path for t in correct) / len(correct),
+        "correct_tokens_total_mean": sum(t.metrics.tokens_total for t in correct) / len(correct),
+    } if correct else {}
     return on_correct | {
         "reward_mean": sum(rewards) / max(len(rewards), 1),
         "reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
