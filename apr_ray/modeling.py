@@ -52,6 +52,12 @@ class ModelConfig(BaseModel):
     rope_theta: float = Field(10000.0, gt=0.0, description="RoPE base frequency")
     initializer_range: float = Field(0.02, gt=0.0, le=1.0, description="std of the normal weight init")
     seed: int = Field(0, ge=0, description="seed of the weight initialisation")
+    number_embedding: Literal["random", "fourier"] = Field(
+        "random",
+        description="initial embedding of the number tokens (0..999): random, or the value's cosines and sines "
+        "over periods 2..1000 in the first fourier_dims dimensions (the rest random)",
+    )
+    fourier_dims: int = Field(64, ge=2, description="dimensions of a number's embedding that encode its value; even")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the weights as built and saved"
     )
@@ -66,6 +72,8 @@ class ModelConfig(BaseModel):
             raise ValueError(f"hidden_size ({self.hidden_size}) is not a multiple of num_heads ({self.num_heads})")
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.number_embedding == "fourier" and (self.fourier_dims % 2 or self.fourier_dims > self.hidden_size):
+            raise ValueError(f"fourier_dims ({self.fourier_dims}) must be even and at most hidden_size ({self.hidden_size})")
         if self.head_dim not in VLLM_HEAD_DIMS:
             raise ValueError(
                 f"head_dim = hidden_size / num_heads = {self.head_dim}, which vLLM cannot serve; "
@@ -157,12 +165,42 @@ def init_model(
         torch.manual_seed(cfg.seed)
         with torch.device(device):
             model = LlamaForCausalLM(config)
+        if cfg.number_embedding == "fourier" and device == "cpu":
+            _fourier_number_embedding(model, tokenizer, cfg)
     model = model.to(getattr(torch, cfg.dtype))
     generation = model.generation_config
     generation.bos_token_id = config.bos_token_id
     generation.eos_token_id = config.eos_token_id
     generation.pad_token_id = config.pad_token_id
     return model
+
+
+def _fourier_number_embedding(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, cfg: ModelConfig) -> None:
+    """Write cos(2 pi v / T), sin(2 pi v / T) of each number token's value v into its embedding, periods T
+    spread geometrically over 2..1000, at the scale of the random init.
+
+    A number is one token (0..999), so every sum the model writes is a separate fact to recall; with
+    value-aware embeddings a + b is a rotation of a's features by b's, which a gated MLP can compute
+    instead of memorise (Fourier number embeddings, Zhou et al. 2025). With a tied head the output
+    side inherits the same structure, so a near miss is near in value. It only sets the start: the
+    embedding trains as before, and the saved model is a plain Llama.
+    """
+    import math
+
+    import torch
+
+    pairs = cfg.fourier_dims // 2
+    periods = torch.logspace(math.log10(2.0), 3.0, pairs, dtype=torch.float64)
+    ids, values = [], []
+    for token, token_id in tokenizer.get_vocab().items():
+        if token.isdigit():
+            ids.append(token_id)
+            values.append(int(token))
+    angles = 2 * math.pi * torch.tensor(values, dtype=torch.float64)[:, None] / periods[None, :]
+    features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1) * (cfg.initializer_range * math.sqrt(2))
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[torch.tensor(ids), : cfg.fourier_dims] = features.to(weight.dtype)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

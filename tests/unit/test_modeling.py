@@ -157,3 +157,30 @@ def test_vllm_loads_the_saved_directory_and_matches_transformers_greedy(tok, tmp
     # A text prompt goes through the saved tokenizer: no BOS added, same ids as ours.
     text_out = llm.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0.0))[0]
     assert list(text_out.prompt_token_ids) == tok.encode(PROMPT)
+
+
+def test_fourier_number_embedding_encodes_values_and_leaves_other_tokens_as_the_random_init(tok):
+    vocab = tok.get_vocab()
+    random_init = init_model(_tiny(), tok).get_input_embeddings().weight.detach()
+    fourier = init_model(_tiny(number_embedding="fourier", fourier_dims=64), tok).get_input_embeddings().weight.detach()
+    digits = [i for t, i in vocab.items() if t.isdigit()]
+    others = [i for t, i in vocab.items() if not t.isdigit()]
+    assert len(digits) == 1110
+    assert torch.equal(fourier[others], random_init[others])
+    assert torch.equal(fourier[digits, 64:], random_init[digits, 64:])  # the rest of a number's row stays random
+
+    def value_part(token: str) -> torch.Tensor:
+        return fourier[vocab[token], :64]
+
+    near = torch.cosine_similarity(value_part("12"), value_part("13"), 0)
+    far = torch.cosine_similarity(value_part("12"), value_part("500"), 0)
+    assert near > 0.6 > 0.3 > far  # periods of 2..1000: the short ones tell 12 from 13, the long ones bind them
+    assert torch.allclose(value_part("7"), value_part("007"))  # the value, not the spelling
+    assert float(fourier[digits, :64].std()) == pytest.approx(0.02, rel=0.1)  # the random init's scale
+
+
+def test_fourier_dims_must_fit_the_width():
+    with pytest.raises(ValidationError, match="fourier_dims"):
+        _tiny(number_embedding="fourier", fourier_dims=130)
+    with pytest.raises(ValidationError, match="fourier_dims"):
+        _tiny(number_embedding="fourier", fourier_dims=63)
