@@ -24,6 +24,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/apr-ray run $(ARGS)
 
+# Every benchmark (bench/all.py), rewriting bench/results.md: ~33 min on 2 idle cores. The bench extra
+# adds TRL (grpo_step.py's baseline); the same uninstall as set-up follows, in case it pulled any back in.
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[$(EXTRA),dev,bench]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) bench/all.py $(ARGS)
+
 test: $(STAMP)
 	$(VENV)/bin/pytest -q $(ARGS)
 

@@ -6,7 +6,9 @@ Ray Data scaling over workers, and (optionally) the APR reference generator time
                                                             # and src/countdown_utils.py (never vendored here)
 
 Each figure is the best of `--repeat` runs (other work on a shared machine only ever slows a run
-down); the load averages printed with them say how busy the machine was.
+down); the load averages printed with them say how busy the machine was. Without --reference-dir the
+ours / reference ratios use the reference's rates recorded on this machine class (RECORDED_REFERENCE),
+and say so. Prints a markdown table, then the `BENCH_SUMMARY` line of bench/all.py.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ from apr_ray.countdown.solvers import SolverConfig, solve_apr, solve_sosp
 from apr_ray.apr_import import import_apr
 from apr_ray.data import DemosConfig, DemoWorker, TextEncoder, problems_table
 from apr_ray.tokenizer import build_tokenizer
+
+
+# The reference generator's search rates, single process, 300 problems, on the 2-core AMD EPYC of
+# bench/results.md (2026-11-23, `--reference-dir` with the reference rebuilt outside the repository):
+# the baseline when its source is not at hand.
+RECORDED_REFERENCE = {"ref_apr_solve_per_s": 442.0, "ref_sosp_solve_per_s": 1312.0}
+RECORDED_REFERENCE_NOTE = "APR reference, recorded 2026-11-23 on a 2-core AMD EPYC (not this run)"
 
 
 def cpu_model() -> str:
@@ -209,12 +218,17 @@ def main() -> None:
         figures |= best([bench_solvers(problems, args.seed) for _ in range(args.repeat)])
     if "rows" in sections:
         figures |= best([bench_rows(problems, encoder, tokenizer) for _ in range(args.repeat)])
+    reference = None
     if "reference" in sections and args.reference_dir:
         runs = [bench_reference(args.reference_dir, problems, args.seed, tokenizer) for _ in range(args.repeat)]
         figures |= best(runs)
-        if "solvers" in sections:
-            figures["apr_solve_vs_ref"] = figures["apr_solve_per_s"] / figures["ref_apr_solve_per_s"]
-            figures["sosp_solve_vs_ref"] = figures["sosp_solve_per_s"] / figures["ref_sosp_solve_per_s"]
+        reference = "APR reference, same run"
+    elif "reference" in sections:
+        figures |= RECORDED_REFERENCE
+        reference = RECORDED_REFERENCE_NOTE
+    if reference and "solvers" in sections:
+        figures["apr_solve_vs_ref"] = figures["apr_solve_per_s"] / figures["ref_apr_solve_per_s"]
+        figures["sosp_solve_vs_ref"] = figures["sosp_solve_per_s"] / figures["ref_sosp_solve_per_s"]
     if "ray" in sections:
         workers = [int(w) for w in args.workers.split(",")]
         figures |= bench_ray(args.ray_problems, workers, args.seed, tokenizer, args.repeat)
@@ -225,13 +239,14 @@ def main() -> None:
     meta = {"date": date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(),
             "python": platform.python_version(), "load_before": [round(x, 1) for x in load_before],
             "load_after": [round(x, 1) for x in os.getloadavg()], "problems": args.problems,
-            "ray_problems": args.ray_problems, "repeat": args.repeat}
-    print(json.dumps(meta))
-    width = max(map(len, figures))
+            "ray_problems": args.ray_problems, "repeat": args.repeat, "reference": reference}
+    print(f"`{json.dumps(meta)}`\n")
+    print("| figure | value |\n| --- | ---: |")
     for key, value in figures.items():
-        print(f"{key:<{width}}  {value:,.3f}" if value < 10 else f"{key:<{width}}  {value:,.0f}")
+        print(f"| {key} | {value:,.3f} |" if value < 10 else f"| {key} | {value:,.0f} |")
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "figures": figures}, indent=2) + "\n")
+    print("BENCH_SUMMARY " + json.dumps(figures | {"reference": reference}), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ the window cuts exactly as it would cut a model's threads.
     .venv/bin/python bench/demo_windows.py --apr-beam 3 --apr-sub-beam 3    # smaller APR beams
     .venv/bin/python bench/demo_windows.py --operands 4                     # 4 numbers
 
-Single process, no Ray, no model, seconds. Prints a markdown table.
+Single process, no Ray, no model, seconds. Prints a markdown table, then the `BENCH_SUMMARY` line of
+bench/all.py (the share solved per window, APR and SoS+, and their ratio).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from datetime import date
 
 from apr_ray.countdown.problems import ProblemConfig, generate_problems
@@ -58,9 +60,15 @@ def main() -> None:
           f"seed {args.seed}. Share solved when every thread is cut at the window.\n")
     print("| demonstrations | " + " | ".join(str(w) for w in windows) + " |")
     print("| --- |" + " ---: |" * len(windows))
-    for label in [m.label for m in models]:
-        line = [r for r in rows if r["model"] == label]
-        print(f"| {label} | " + " | ".join(f"{r['solved']:.3f}" for r in line) + " |")
+    figures: dict[str, float] = {"problems": len(problems)}
+    for model in models:
+        line = [r for r in rows if r["model"] == model.label]
+        print(f"| {model.label} | " + " | ".join(f"{r['solved']:.3f}" for r in line) + " |")
+        figures |= {f"{model.protocol}_solved_w{r['window']}": r["solved"] for r in line}
+    for w in windows:
+        apr, sosp = figures[f"apr_solved_w{w}"], figures[f"sosp_solved_w{w}"]
+        figures[f"apr_over_sosp_w{w}"] = apr / sosp if sosp else float("inf") if apr else float("nan")
+    print("BENCH_SUMMARY " + json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Schedule: the run starts with 1 rollout node (resource `rollout: 1`); when step 
 step 6 rolls out (its actor dies mid-step, its requests go to the others). 8 steps of 8 problems x 4 trees,
 160-token threads, the tiny model untrained (the mechanics, not learning), transformers engine.
 
-    .venv/bin/python bench/elastic_grpo.py     # ~4 min on 2 cores; prints a markdown table
+    .venv/bin/python bench/elastic_grpo.py     # ~4 min on 2 cores; prints a markdown table, then the
+                                               # BENCH_SUMMARY line of bench/all.py
 
 The nodes share this machine's 2 cores, so more actors do not make a step faster here.
 """
@@ -102,6 +103,10 @@ def main() -> None:
         print(f"| {r['step']} | {r['grpo/pool_size']:.0f} | {r['grpo/pool_joined']:.0f} | {r['grpo/pool_left']:.0f} | "
               f"{r['grpo/redispatched_requests']:.0f} | {per_actor} | {r['grpo/version_lag_mean']:.2f} | "
               f"{r['grpo/time_rollout_s']:.1f} | {r['grpo/step_s']:.1f} |")
+    print("BENCH_SUMMARY " + json.dumps({
+        "steps": len(rows), "pool_size_max": max(r["grpo/pool_size"] for r in rows),
+        "requests_served_again": sum(r["grpo/redispatched_requests"] for r in rows),
+        "version_lag_max": max(r["grpo/version_lag_mean"] for r in rows), "wall_s": wall}), flush=True)
 
 
 if __name__ == "__main__":

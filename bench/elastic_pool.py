@@ -7,7 +7,8 @@ as the GRPO trainer does with `rollout.pool.follow_cluster`.
 Schedule: 1 rollout node; a second joins before step 3 and a third before step 5; the second is removed
 while step 7 runs (its actor dies mid-rollout, its requests go to the others); the run ends at step 9.
 
-    .venv/bin/python bench/elastic_pool.py     # ~2 min on 2 cores; prints a markdown table
+    .venv/bin/python bench/elastic_pool.py     # ~2 min on 2 cores; prints a markdown table, then the
+                                               # BENCH_SUMMARY line of bench/all.py
 
 The nodes share this machine's 2 cores, so more actors do not mean faster steps here: the figures show that
 the pool follows the nodes and the steps complete, not a speed-up.
@@ -15,6 +16,7 @@ the pool follows the nodes and the steps complete, not a speed-up.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import threading
 import time
@@ -78,6 +80,9 @@ def main() -> None:
     for step, joined, left, lost, replaced, redispatched, size, served, wall in rows:
         print(f"| {step} | {joined:.0f} | {left:.0f} | {lost} | {replaced} | {redispatched} | {size} | {served} | "
               f"{wall:.1f} |")
+    _, _, _, lost, _, redispatched, size, _, _ = zip(*rows)
+    print("BENCH_SUMMARY " + json.dumps({"steps": len(rows), "pool_size_max": max(size), "actors_lost": sum(lost),
+                                         "requests_served_again": sum(redispatched)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ objects, or one such object).
     .venv/bin/python bench/eta_range.py --trees TREES.json     # and sampled trees
     .venv/bin/python bench/eta_range.py --coef 0.5 --cap 0.2   # "at cap" for other bonus settings
 
-Single process, no Ray, no model. Prints a markdown table.
+Single process, no Ray, no model. Prints a markdown table, then the `BENCH_SUMMARY` line of bench/all.py
+(eta's median and the share at the cap of the solved, spawning demonstrations per distribution).
 """
 
 from __future__ import annotations
@@ -120,21 +121,26 @@ def main() -> None:
     load_before = os.getloadavg()
     start = time.perf_counter()
     results: list[dict] = []
+    figures: dict[str, float] = {}
     for name, problems in DISTRIBUTIONS.items():
         trees = demo_trees(problems, args.problems, args.seed, tokenizer, args.concurrency)
         results += rows(f"APR demos, {name}", trees, cfg)
+        spawning = results[-1]
+        if spawning["n"]:
+            figures |= {f"{name}_eta_p50": spawning["p50"], f"{name}_at_cap": spawning["at_cap"]}
     if args.trees:
         results += rows(f"sampled, {args.trees.name}", file_trees(args.trees), cfg)
     meta = {"date": date.today().isoformat(), "cores": os.cpu_count(), "problems": args.problems,
             "seed": args.seed, "coef": cfg.critical_path_coef, "cap": cfg.critical_path_cap,
             "seconds": round(time.perf_counter() - start, 1), "load_before": [round(x, 1) for x in load_before],
             "load_after": [round(x, 1) for x in os.getloadavg()]}
-    print(json.dumps(meta))
+    print(f"`{json.dumps(meta)}`\n")
     print(f"bonus = min({cfg.critical_path_coef:g} * eta, {cfg.critical_path_cap:g}): flat above eta = "
-          + (f"{cfg.critical_path_cap / cfg.critical_path_coef:.3f}" if cfg.critical_path_coef > 0 else "0"))
+          + (f"{cfg.critical_path_cap / cfg.critical_path_coef:.3f}" if cfg.critical_path_coef > 0 else "0") + "\n")
     print(table(results, cfg))
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
+    print("BENCH_SUMMARY " + json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

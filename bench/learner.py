@@ -2,14 +2,18 @@
 
 (a) Learner throughput: tokens/s (prompt + output tokens forwarded and back-propagated, padding not
     counted) of SFT steps and GRPO steps (inner_steps=2, KL to a reference) per ZeRO stage, and the
-    time to gather the full weights (`full_state_dict`).
+    time to gather the full weights (`full_state_dict`). Baseline: a plain PyTorch loop on the same
+    model and batches (torch AdamW, cross-entropy on the output tokens, backward, clip, step), timed
+    the same way; reported as learner SFT tokens/s / plain tokens/s per stage.
 (b) Transport: the object-store transport (publish = `ray.put` of the wire format, receive = `ray.get`
     + views) against a plain in-memory copy (`torch.clone`) of the same bytes, for several sizes.
 (c) Full sync into a running vLLM engine (in-process): gather + publish + receive + reload, against a
     clone of the same bytes; per model preset.
 
 Usage: python bench/learner.py [--presets tiny,small] [--steps 5] [--sizes-mb 4,64,256] [--no-vllm]
-Prints markdown tables and appends them to bench/results.md (or --results) with the machine and the date.
+Prints markdown tables (appended to --results PATH when given; `bench/all.py` owns bench/results.md),
+then the `BENCH_SUMMARY` line of bench/all.py with the figures of the last preset (the largest by
+default), the largest transport size and the last preset's vLLM sync.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from apr_ray.tokenizer import build_tokenizer
 from apr_ray.types import TrainSequence
 from apr_ray.weight_sync import ObjectStoreTransport, WeightReceiver
 
-RESULTS = Path(__file__).with_name("results.md")
+LR = 1e-4  # the learner's and the plain loop's
 
 
 def machine() -> str:
@@ -82,7 +86,7 @@ def bench_learner(
 ) -> list[dict]:
     rows = []
     for stage in stages:
-        cfg = LearnerConfig(zero_stage=stage, lr=1e-4, micro_batch_tokens=4096, reference_model=True)
+        cfg = LearnerConfig(zero_stage=stage, lr=LR, micro_batch_tokens=4096, reference_model=True)
         learner = Learner(cfg, mdir)
         grpo = GRPOConfig(kl_coef=0.001, inner_steps=2)
         for kind in ("sft", "grpo"):
@@ -97,6 +101,34 @@ def bench_learner(
         learner.full_state_dict()
         rows[-1]["gather_s"] = rows[-2]["gather_s"] = time.perf_counter() - t0
     return rows
+
+
+def bench_plain(mdir: Path, vocab: int, steps: int, seqs: int, prompt: int, output: int) -> float:
+    """The learner's baseline: a plain PyTorch loop on the same model and batches as `bench_learner`'s SFT
+    steps, with the learner's optimizer settings; median tokens/s of the steps after a warm-up step."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = LearnerConfig()
+    model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
+    model.config.use_cache = False
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=cfg.betas, eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+    rates = []
+    for s in range(steps + 1):
+        b = batch(seqs, prompt, output, seed=s, vocab=vocab, rl=False)
+        t0 = time.perf_counter()  # like Learner.sft_step: from the sequences to the optimizer step
+        ids = torch.tensor([x.prompt_ids + x.output_ids for x in b])
+        logits = model(input_ids=ids).logits[:, prompt - 1 : -1]  # the logits that predict the output tokens
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                                 ids[:, prompt:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if s:
+            rates.append(ids.numel() / (time.perf_counter() - t0))
+    return statistics.median(rates)
 
 
 def timed(fn, repeats: int = 3) -> float:
@@ -188,11 +220,14 @@ def main() -> None:
     ap.add_argument("--sizes-mb", default="4,64,256")
     ap.add_argument("--no-vllm", action="store_true", help="skip (c)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="markdown file the tables are appended to")
+    ap.add_argument("--results", type=Path, help="also append the tables to this markdown file")
     ap.add_argument("--sync-only", type=Path, help=argparse.SUPPRESS)  # internal: (c) for one model dir
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Named before DeepSpeed is first imported (transformers imports it when saving the models), as the learner
+    # names it: unnamed, DeepSpeed probes for one and prints a warning on stdout, into the markdown.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
     import ray
 
@@ -205,24 +240,35 @@ def main() -> None:
         f"\n## Learner and weight sync (bench/learner.py), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"Machine: {machine()}; torch threads {torch.get_num_threads()}. Shared machine: orders of magnitude.",
         f"Batch: {args.seqs} sequences x ({args.prompt} prompt + {args.output} output) tokens;"
-        f" median of {args.steps} steps.",
+        f" median of {args.steps} steps. Plain: a PyTorch loop (torch AdamW, cross-entropy on the output"
+        " tokens, clip, step) on the same model and batches.",
         "",
-        "| model | params | ZeRO | step | tokens/s | full_state_dict s |",
-        "| --- | ---: | ---: | --- | ---: | ---: |",
+        "| model | params | ZeRO | step | tokens/s | full_state_dict s | SFT / plain |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
+    summary: dict = {}  # the last preset's figures (the largest by default), for bench/all.py
+    vocab = len(build_tokenizer())
+    stages = [int(s) for s in args.stages.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         for preset in args.presets.split(","):
             mdir, params = model_dir(preset, Path(tmp))
-            dirs[preset] = (mdir, params)
-            vocab = len(build_tokenizer())
-            stages = [int(s) for s in args.stages.split(",")]
+            dirs[preset] = mdir
+            plain = bench_plain(mdir, vocab, args.steps, args.seqs, args.prompt, args.output)
+            summary = {"preset": preset, "plain_tokens_per_s": plain}
+            lines.append(f"| {preset} | {params / 1e6:.1f}M | - | sft, plain PyTorch | {plain:,.0f} | | |")
+            print(lines[-1], file=sys.stderr, flush=True)
             for r in bench_learner(mdir, vocab, stages, args.steps, args.seqs, args.prompt, args.output):
+                versus = ""
+                if r["step"] == "sft":
+                    summary[f"sft_tokens_per_s_zero{r['stage']}"] = r["tokens_per_s"]
+                    summary[f"sft_vs_plain_zero{r['stage']}"] = r["tokens_per_s"] / plain
+                    versus = f"{r['tokens_per_s'] / plain:.2f}"
                 lines.append(
                     f"| {preset} | {params / 1e6:.1f}M | {r['stage']} | {r['step']} | {r['tokens_per_s']:,.0f} |"
-                    f" {r['gather_s']:.3f} |"
+                    f" {r['gather_s']:.3f} | {versus} |"
                 )
-                print(lines[-1], flush=True)
+                print(lines[-1], file=sys.stderr, flush=True)
 
         lines += [
             "",
@@ -237,7 +283,9 @@ def main() -> None:
                 f"| {r['bytes'] / 2**20:.0f} | {r['publish_s']:.4f} | {r['receive_s']:.4f} | {r['clone_s']:.4f} |"
                 f" {ratio:.1f} |"
             )
-        print("\n".join(lines[-4:]), flush=True)
+            summary |= {"transport_mb": r["bytes"] / 2**20, "transport_s": r["publish_s"] + r["receive_s"],
+                        "clone_s": r["clone_s"], "transport_over_clone": ratio}
+        print("\n".join(lines[-4:]), file=sys.stderr, flush=True)
 
         if not args.no_vllm:
             lines += [
@@ -247,19 +295,23 @@ def main() -> None:
                 "| model | MB | gather s | publish s | receive + reload s | total s | clone s | total / clone |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             ]
-            for preset, (mdir, _) in dirs.items():
+            for preset, mdir in dirs.items():
                 r = sync_in_subprocess(mdir)
                 total = r["gather_s"] + r["publish_s"] + r["receive_reload_s"]
                 lines.append(
                     f"| {preset} | {r['bytes'] / 2**20:.1f} | {r['gather_s']:.4f} | {r['publish_s']:.4f} |"
                     f" {r['receive_reload_s']:.4f} | {total:.4f} | {r['clone_s']:.4f} | {total / r['clone_s']:.1f} |"
                 )
-                print(lines[-1], flush=True)
+                summary |= {"sync_mb": r["bytes"] / 2**20, "sync_s": total, "sync_clone_s": r["clone_s"],
+                            "sync_over_clone": total / r["clone_s"]}
+                print(lines[-1], file=sys.stderr, flush=True)
     ray.shutdown()
     text = "\n".join(lines) + "\n"
     print(text)
-    with args.results.open("a") as f:
-        f.write(text)
+    if args.results:
+        with args.results.open("a") as f:
+            f.write(text)
+    print("BENCH_SUMMARY " + json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

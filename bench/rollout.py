@@ -22,7 +22,8 @@ the tree side is charged more prefill than with a trained model (a conservative 
 
 Usage: python bench/rollout.py [--problems 32] [--concurrency 1,4,16,32] [--latency-trees 4]
        python bench/rollout.py --transport
-Prints markdown tables; --out also writes the JSON summary.
+Prints markdown tables (and, for (a) and (b), the `BENCH_SUMMARY` line of bench/all.py last); --out also
+writes the JSON summary.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import os
 import pickle
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -178,7 +180,7 @@ async def bench(args: argparse.Namespace) -> dict:
             row["flat_tok_s"] = tokens / flat_s
             row["ratio_flat"] = flat_s / tree_s
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row), file=sys.stderr, flush=True)
 
     latency = []
     for d in demos[: args.latency_trees]:
@@ -205,6 +207,18 @@ async def bench(args: argparse.Namespace) -> dict:
         "latency": {"trees": latency, "ratio_mean": statistics.mean(ratios), "ratio_median": statistics.median(ratios),
                     "ratio_max": max(ratios)},
     }
+
+
+def summary(result: dict) -> dict:
+    """bench/all.py's figures: tree vs plain at the largest concurrency and the lowest ratio over all of
+    them; the mean latency of a tree alone vs its critical path alone."""
+    top, trees = result["throughput"][-1], result["latency"]["trees"]
+    return {"concurrency": top["concurrency"], "tree_tok_s": top["tree_tok_s"], "plain_tok_s": top["plain_tok_s"],
+            "tree_over_plain": top["ratio"], "levels": len(result["throughput"]),
+            "tree_over_plain_min": min(r["ratio"] for r in result["throughput"]),
+            "latency_trees": len(trees), "latency_tree_s": statistics.mean(x["tree_s"] for x in trees),
+            "latency_cp_s": statistics.mean(x["critical_path_s"] for x in trees),
+            "latency_tree_over_cp": result["latency"]["ratio_mean"]}
 
 
 def print_tables(result: dict) -> None:
@@ -446,6 +460,8 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         previous = json.loads(args.out.read_text()) if args.out.exists() else {}
         args.out.write_text(json.dumps({**previous, **result}, indent=2) + "\n")
+    if "throughput" in result:
+        print("BENCH_SUMMARY " + json.dumps(summary(result)), flush=True)
 
 
 if __name__ == "__main__":

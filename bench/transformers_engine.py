@@ -15,15 +15,18 @@ whether every greedy output of the new engine equals the old one's (they must: b
 Usage: python bench/transformers_engine.py [--preset tiny] [--device cpu] [--rows 48] [--chains 12]
        [--depth 3] [--min-new 16] [--max-new 512] [--threads 1] [--append] [--profile]
 --append adds the tables to bench/results.md with the date and the machine; --profile runs only the new
-engine and prints a cProfile of its decoding thread.
+engine and prints a cProfile of its decoding thread. Otherwise the last line printed is the
+`BENCH_SUMMARY` line of bench/all.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         profile(engines["continuous (new)"](), data, args.workloads.split(","), device)
         return
+    summary: dict[str, float] = {}  # bench/all.py's figures, per workload
     for name in args.workloads.split(","):
         workload, requests = data[name]
         count = len(requests) if name == "burst" else args.chains * args.depth
@@ -291,7 +295,11 @@ def main(argv: list[str] | None = None) -> None:
                 same = f"{equal}/{len(results)}"
             lines.append(f"| {name} | {count} | {label} | {tokens:,} | {wall:.2f} | {rates[label]:,.0f} | "
                          f"{ratio} | {same} |")
-            print(lines[-1], flush=True)
+            print(lines[-1], file=sys.stderr, flush=True)
+        new, old = rates["continuous (new)"], rates["static (old)"]
+        equal = sum(a == b for a, b in zip(outputs["continuous (new)"], outputs["static (old)"]))
+        summary |= {f"{name}_requests": count, f"{name}_new_tok_s": new, f"{name}_old_tok_s": old,
+                    f"{name}_new_over_old": new / old, f"{name}_outputs_equal": equal / count}
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = "\n".join([
@@ -305,11 +313,11 @@ def main(argv: list[str] | None = None) -> None:
         *lines,
         "",
     ])
-    print()
     print(section)
     if args.append:
         with RESULTS.open("a") as f:
             f.write("\n" + section)
+    print("BENCH_SUMMARY " + json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":
