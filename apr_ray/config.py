@@ -56,11 +56,14 @@ class SFTConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(800, ge=0, description="optimizer steps; 0 skips SFT (GRPO then starts from the initial model)")
+    steps: int = Field(2400, ge=0, description="optimizer steps; 0 skips SFT (GRPO then starts from the initial model)")
     batch_sequences: int = Field(16, ge=1, description="thread sequences per optimizer step")
     shuffle_buffer: int = Field(4096, ge=0, description="sequences held for shuffling the stream; <= 1 keeps file order")
+    # Warm-up, stable, decay (docs/results.md): the tiny model learns the arithmetic at a high constant rate and
+    # turns it into solved problems in the steps after the drop.
     learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(
-        lr=3e-3, warmup_steps=20, weight_decay=0.01, lr_schedule="cosine", min_lr_ratio=0.05))
+        lr=2e-3, warmup_steps=20, weight_decay=0.01, lr_schedule="linear", decay_start=1800, decay_steps=1900,
+        min_lr_ratio=0.15))
     eval_every: int = Field(0, ge=0, description="evaluate on the validation split every this many steps; 0: at the end only")
     checkpoint_every: int = Field(0, ge=0, description="DeepSpeed checkpoint every this many steps; 0: at the end only")
     log_every: int = Field(10, ge=1, description="metrics to MLflow every this many steps")
@@ -113,8 +116,10 @@ class RolloutConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # The tiny preset's 1M-parameter model on 2 CPU cores: vLLM's per-step overhead dominates and the
+    # transformers engine decodes its trees ~2-3x faster (docs/results.md); the GPU presets set vllm.
     backend: Literal["vllm", "transformers"] = Field(
-        "vllm", description="generation engine of the actors; transformers needs no vLLM (slower)")
+        "transformers", description="generation engine of the actors: vllm (GPUs, larger models) or transformers")
     engine: VllmEngineConfig = Field(default_factory=lambda: VllmEngineConfig(kv_cache_memory_bytes=256 * 1024**2))
     runtime: RuntimeConfig = Field(default_factory=lambda: RuntimeConfig(max_tokens=1024, context_window=2048),
                                    description="limits of every tree; its sampling is the training rollouts' "

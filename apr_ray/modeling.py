@@ -91,6 +91,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=4,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
+        number_embedding="fourier",
     ),
     "small": ModelConfig(
         hidden_size=512,
