@@ -173,8 +173,10 @@ def benchmarks(reference_dir: str | None) -> list[Benchmark]:
         Benchmark(
             "grpo_step", BENCH / "grpo_step.py", [],
             ["--steps", "2", "--completion", "16", "--sft-steps", "10"], 8.0,
-            [Figure("apr-ray grpo, serial step (vLLM generator), speed", "TRL GRPOTrainer, same model and batch",
-                    "serial_speed_vs_trl", at_least=1.0),
+            [Figure("apr-ray grpo, serial step (transformers generator, the tiny preset's), speed",
+                    "TRL GRPOTrainer, same model and batch", "serial_speed_vs_trl_transformers", at_least=1.0),
+             Figure("apr-ray grpo, serial step (vLLM generator), speed", "TRL GRPOTrainer, same model and batch",
+                    "serial_speed_vs_trl_vllm"),
              Figure("tree GRPO, s per 1k generated tokens", "serial GRPO at the same generated tokens",
                     "tree_over_serial", at_most=1.2)],
             summary_from_main=True,
