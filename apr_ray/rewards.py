@@ -18,6 +18,9 @@ Departures from the references (shared/research/parallel_reasoning.md §3):
   demonstrations on the paper's problems sit; here min(0.3 * eta, 0.27) rises up to eta = 0.9, above
   every solved demonstration measured (eta at most 0.48 on the tiny problems, 0.85 on the paper's:
   bench/eta_range.py, bench/results.md), so shorter critical paths keep earning more.
+- eta pays for width as much as for a short critical path: a tree that adds a child grows its eta even
+  when its critical path grows too. `critical_path_tokens` (off by default) pays for the critical path's
+  length itself, coef * (1 - L_cp / ref), so among correct trees the shorter one earns more, spawning or not.
 """
 
 from __future__ import annotations
@@ -45,6 +48,14 @@ class RewardConfig(BaseModel):
         0.27, ge=0.0,
         description="upper bound of the bonus, reached at eta = cap / coef (0.9 by default: above every solved "
         "solver demonstration, so only trees with > 90% of their tokens off the critical path gain no more)",
+    )
+    critical_path_tokens_coef: float = Field(
+        0.0, ge=0.0,
+        description="pay correct trees coef * max(0, 1 - critical path tokens / critical_path_tokens_ref): "
+        "the critical path's length itself, not eta's ratio (which wider trees raise); 0: off",
+    )
+    critical_path_tokens_ref: int = Field(
+        1024, ge=1, description="critical path tokens at which critical_path_tokens pays nothing"
     )
     token_cap: int | None = Field(
         None, ge=1, description="total generated tokens above which token_cap_penalty applies; None: off"
@@ -97,6 +108,14 @@ def critical_path_bonus(tree: TreeRecord, cfg: RewardConfig) -> float:
     if not (cfg.critical_path_enabled and tree.correct):
         return 0.0
     return min(cfg.critical_path_coef * acceleration_ratio(tree), cfg.critical_path_cap)
+
+
+@reward_term("critical_path_tokens")
+def critical_path_tokens_bonus(tree: TreeRecord, cfg: RewardConfig) -> float:
+    if not (cfg.critical_path_tokens_coef > 0 and tree.correct):
+        return 0.0
+    shortness = 1.0 - tree.metrics.tokens_critical_path / cfg.critical_path_tokens_ref
+    return cfg.critical_path_tokens_coef * max(0.0, shortness)
 
 
 @reward_term("token_cap")

@@ -60,9 +60,24 @@ def test_default_bonus_rises_over_the_eta_of_solved_parallel_trees():
 
 def test_incorrect_tree_gets_no_bonus():
     r = score_tree(tree(False, 100, 20, threads=5), RewardConfig())
-    assert r.terms == {"correct": 0.0, "critical_path": 0.0, "token_cap": 0.0, "threads": 0.0}
+    assert r.terms == {"correct": 0.0, "critical_path": 0.0, "critical_path_tokens": 0.0, "token_cap": 0.0,
+                       "threads": 0.0}
     assert r.total == 0.0
     assert score_tree(tree(False, 100, 20), RewardConfig(incorrect_reward=-1.0)).total == -1.0
+
+
+def test_critical_path_tokens_pays_the_shorter_critical_path_not_the_wider_tree():
+    cfg = RewardConfig(critical_path_enabled=False, critical_path_tokens_coef=1.0, critical_path_tokens_ref=1000)
+    short, long = (score_tree(tree(True, 900, cp, threads=4), cfg) for cp in (300, 600))
+    assert short.terms["critical_path_tokens"] == pytest.approx(0.7)
+    assert long.terms["critical_path_tokens"] == pytest.approx(0.4)
+    # Wider with a longer critical path: eta rises (0.5 -> 0.6), this term falls (0.7 -> 0.6).
+    narrow, wide = tree(True, 600, 300, threads=2), tree(True, 1000, 400, threads=6)
+    assert acceleration_ratio(wide) > acceleration_ratio(narrow)
+    assert score_tree(wide, cfg).total < score_tree(narrow, cfg).total
+    assert score_tree(tree(True, 2000, 1500), cfg).terms["critical_path_tokens"] == 0.0  # past ref: nothing
+    assert score_tree(tree(False, 900, 300), cfg).terms["critical_path_tokens"] == 0.0  # wrong: nothing
+    assert score_tree(tree(True, 900, 300), RewardConfig()).terms["critical_path_tokens"] == 0.0  # off by default
 
 
 def test_bonus_disabled():
