@@ -11,12 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from apr_ray.config import ConfigError, RunConfig, check_overrides_used, dump_config, load_config
+from apr_ray.config import CONFIG_DIR, ConfigError, RunConfig, check_overrides_used, dump_config, load_config
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="preset name (tiny, small, paper, sosp) or a YAML file; "
-                        "default: the built-in tiny preset")
+    presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    parser.add_argument("--config", default=None,
+                        help=f"preset name ({presets}) or a YAML file; default: the built-in tiny preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set data.train_problems=500 (repeatable)")
 

@@ -5,7 +5,7 @@
     normalisation (`loss_type="dr_grpo"` in TRL, `loss_norm=constant` here), lr 1e-4, one optimizer step
     per batch, every sample trained (apr-ray's `drop_zero_adv_groups` off: an untrained model solves
     nothing, and TRL back-propagates zero advantages too).
-    - TRL `GRPOTrainer` (HF generate, in this process, torch's threads);
+    - TRL `GRPOTrainer` (HF generate, in a child process of its own, torch's threads);
     - `apr-ray grpo` (Ray, one generator actor, a DeepSpeed learner actor, the weight sync every step),
       the root thread only (`rollout.runtime.max_depth=0`), with each rollout backend.
 (b) Tree GRPO against serial GRPO for the same generated tokens: a model SFT-trained on the APR
