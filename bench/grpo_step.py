@@ -137,7 +137,7 @@ def trl_in_subprocess(model_dir: Path, completion: int, steps: int) -> dict[str,
 def sft_model(steps: int) -> Path:
     out = Path(tempfile.mkdtemp(prefix="bench-sft-")) / "run"
     cmd = [sys.executable, "-m", "apr_ray.plain", "--set", f"output_dir={out}", "--set", f"sft.steps={steps}",
-           "--set", "eval.problems=4", "--set", "eval.sampled_problems=0", "--set", "tracking.enabled=false"]
+           "--set", "eval.problems=4", "--set", "eval.sampled_problems=0"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
