@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/apr-ray run $(ARGS)
 
-# Every benchmark (bench/all.py), rewriting bench/results.md: ~33 min on 2 idle cores. The bench extra
+# Every benchmark (bench/all.py), rewriting bench/results.md: ~10 min on 2 idle cores. The bench extra
 # adds TRL (grpo_step.py's baseline); the same uninstall as set-up follows, in case it pulled any back in.
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[$(EXTRA),dev,bench]'

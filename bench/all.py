@@ -9,7 +9,7 @@ time. The file is rewritten after every benchmark, so an interrupted run keeps w
 benchmark that fails (non-zero exit, no summary line, or past its time limit) is recorded as FAILED with
 the end of its stderr; the others still run, and the runner exits 1.
 
-    .venv/bin/python bench/all.py                     # ~33 min on 2 idle cores; rewrites bench/results.md
+    .venv/bin/python bench/all.py                     # ~10 min on 2 idle cores; rewrites bench/results.md
     .venv/bin/python bench/all.py --only learner,rollout
     .venv/bin/python bench/all.py --quick --results /tmp/bench-quick.md    # small sizes: a smoke test, ~15 min
 
@@ -21,6 +21,7 @@ Left out: unit_timings.py (it times former unit tests, not the system).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -105,7 +106,7 @@ class Benchmark:
 
 def benchmarks(reference_dir: str | None) -> list[Benchmark]:
     """The suite, in the order it runs (quick ones first), with the flags of a full run sized so the whole
-    takes ~33 min on 2 idle cores (minutes from each script's docstring and bench/results.md's timings)."""
+    takes ~10 min on 2 idle cores (minutes from each script's docstring and bench/results.md's timings)."""
     reference = ["--reference-dir", reference_dir] if reference_dir else []
     return [
         Benchmark(
@@ -246,6 +247,10 @@ def run_benchmark(bench: Benchmark, quick: bool) -> Run:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             reason = f"timed out after {limit / 60:.0f} min"
+        # What it left behind in its session (an engine core, a Ray worker) would share the cores and
+        # /dev/shm with the next benchmark: a vLLM engine started next died with EngineDeadError.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
