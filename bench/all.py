@@ -247,8 +247,8 @@ def run_benchmark(bench: Benchmark, quick: bool) -> Run:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             reason = f"timed out after {limit / 60:.0f} min"
-        # What it left behind in its session (an engine core, a Ray worker) would share the cores and
-        # /dev/shm with the next benchmark: a vLLM engine started next died with EngineDeadError.
+        # What it left behind in its session (an engine core, a Ray worker) would share the cores with the
+        # next benchmark. (This did not cure the rollout bench's EngineDeadError after the learner bench.)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         out.seek(0)
