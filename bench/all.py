@@ -21,7 +21,6 @@ Left out: unit_timings.py (it times former unit tests, not the system).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -247,10 +246,6 @@ def run_benchmark(bench: Benchmark, quick: bool) -> Run:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             reason = f"timed out after {limit / 60:.0f} min"
-        # What it left behind in its session (an engine core, a Ray worker) would share the cores with the
-        # next benchmark. (This did not cure the rollout bench's EngineDeadError after the learner bench.)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
