@@ -36,7 +36,10 @@ class SolverConfig(BaseModel):
 
     sosp_max_beam: int = Field(5, ge=1, le=64, description="SoS+ beam ~ U{1..sosp_max_beam}")
     sosp_promising: float = Field(0.5, ge=0.0, le=1.0, description="SoS+ chance to dive into new nodes")
-    apr_max_beam: int = Field(10, ge=1, le=64, description="APR parent beam ~ U{1..apr_max_beam}")
+    apr_min_beam: int = Field(
+        1, ge=1, le=64, description="APR parent beam ~ U{apr_min_beam..apr_max_beam} (reference: 1). Equal to "
+        "apr_max_beam, every demonstration searches alike: a model can predict how many moves the root explores")
+    apr_max_beam: int = Field(10, ge=1, le=64, description="APR parent beam ~ U{apr_min_beam..apr_max_beam}")
     apr_max_sub_beam: int = Field(15, ge=1, le=64, description="child beam ~ U{parent beam..apr_max_sub_beam}")
     apr_promising: float = Field(0.9, ge=0.0, le=1.0, description="APR chance to spawn where it may")
     max_spawn_depth: int = Field(1, ge=1, le=4, description="threads at depth < this may spawn (reference: 1)")
@@ -55,8 +58,8 @@ class SolverConfig(BaseModel):
 
     @model_validator(mode="after")
     def _beams(self) -> SolverConfig:
-        if self.apr_max_sub_beam < 1:
-            raise ValueError("apr_max_sub_beam must be >= 1")
+        if self.apr_min_beam > self.apr_max_beam:
+            raise ValueError(f"apr_min_beam ({self.apr_min_beam}) > apr_max_beam ({self.apr_max_beam})")
         return self
 
 
@@ -275,7 +278,7 @@ def _apr_search(start: Node, target: int, beam: int, sub_beam: int, cfg: SolverC
 
 def solve_apr(problem: Problem, cfg: SolverConfig, rng: random.Random) -> ThreadDemo:
     """A parallel APR demonstration for one problem."""
-    beam = rng.randint(1, cfg.apr_max_beam)
+    beam = rng.randint(cfg.apr_min_beam, cfg.apr_max_beam)
     sub_beam = rng.randint(min(beam, cfg.apr_max_sub_beam), cfg.apr_max_sub_beam)
     nums = tuple(problem.nums)
     root = Node(nums, (), mult_heuristic(nums, problem.target), None, "0")

@@ -235,11 +235,34 @@ def test_path_to_goal_needs_a_descendant():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"sosp_max_beam": 0}, {"apr_promising": 1.5}, {"max_spawn_depth": 0}, {"max_spawn_depth": 5}, {"beam": 3}],
+    [{"sosp_max_beam": 0}, {"apr_promising": 1.5}, {"max_spawn_depth": 0}, {"max_spawn_depth": 5}, {"beam": 3},
+     {"apr_min_beam": 11}],
 )
 def test_bad_solver_config_is_rejected(kwargs):
     with pytest.raises(ValidationError, match=next(iter(kwargs))):
         SolverConfig(**kwargs)
+
+
+def test_a_fixed_beam_at_least_the_moves_of_a_three_number_root_explores_every_one_and_always_solves():
+    # The root of a 3-number problem has at most 12 moves (3 pairs x +, *, -, exact /); its children hold
+    # 2 numbers, whose every move a sub beam of 4 or more explores. So beams 12/12 are an exhaustive search.
+    from apr_ray.countdown.problems import moves
+
+    cfg = SolverConfig(apr_min_beam=12, apr_max_beam=12, apr_max_sub_beam=12, apr_promising=1.0,
+                       apr_spawn_order="generated")
+    problems = generate_problems(ProblemConfig(num_operands=3, num_max=20, target_max=30), 100, seed=3)
+    for seed, problem in enumerate(problems):
+        demo = solve_apr(problem, cfg, random.Random(seed))
+        nums = problem.nums
+        root_moves = {op for i in range(3) for j in range(i + 1, 3) for _, op in moves(nums[i], nums[j])}
+        explored = set(_explored_ops(demo.segments[0]))
+        assert explored == root_moves or "Goal Reached" in demo.segments[0], (problem, explored ^ root_moves)
+        final = check_thread(problem, demo, APR.root_prompt(problem.target, problem.nums), 0, cfg)
+        assert demo.solved, problem
+        assert_answer(problem, final, True)
+    # the reference's draw U{1..10} prunes the root and leaves problems unsolved
+    reference = SolverConfig(apr_spawn_order="generated")
+    assert sum(not solve_apr(p, reference, random.Random(s)).solved for s, p in enumerate(problems)) > 0
 
 
 def test_generated_spawn_order_lists_children_as_generated():
