@@ -598,23 +598,41 @@ def _generator(seed: int | None, device: Any) -> Any:
 
 def _sample(logits: Any, samplings: list[SamplingConfig], generators: list[Any]) -> Any:
     """One token per row: argmax for greedy rows, else temperature / top-k / top-p sampling. No host sync:
-    the caller reads all rows' tokens at once."""
+    the caller reads all rows' tokens at once. Unseeded rows with the same settings are drawn in one call
+    (a GRPO rollout's rows all are: per-row draws cost more than the tiny model's forward); a seeded row
+    draws alone from its own generator, so its tokens do not depend on what it was batched with."""
     import torch
 
     tokens = logits.argmax(dim=-1)
+    shared: dict[tuple[float, int, float], list[int]] = {}
     for i, s in enumerate(samplings):
         if s.temperature == 0.0:
             continue
-        row = logits[i] / s.temperature
-        if 0 < s.top_k < row.numel():
-            kth = torch.topk(row, s.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if s.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            drop = sorted_probs.cumsum(0) - sorted_probs >= s.top_p
-            probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-            probs = probs / probs.sum()
-        tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+        if generators[i] is None:
+            shared.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
+        else:
+            probs = _filtered_probs(logits[i : i + 1], s.temperature, s.top_k, s.top_p)
+            tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0, 0]
+    for (temperature, top_k, top_p), rows in shared.items():
+        index = torch.tensor(rows, device=logits.device)
+        probs = _filtered_probs(logits.index_select(0, index), temperature, top_k, top_p)
+        tokens[index] = torch.multinomial(probs, 1).squeeze(1)
     return tokens
+
+
+def _filtered_probs(logits: Any, temperature: float, top_k: int, top_p: float) -> Any:
+    """[rows, vocab] sampling probabilities at `temperature`, restricted to the top_k tokens (0: all) and to
+    the smallest prefix whose mass reaches top_p (the most likely token always stays)."""
+    import torch
+
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs

@@ -12,7 +12,7 @@ import torch
 
 from apr_ray.countdown.protocol import AprProtocol
 from apr_ray.modeling import ModelConfig, init_model
-from apr_ray.rollout.engines import SamplingConfig, TextCodec, TransformersEngine
+from apr_ray.rollout.engines import SamplingConfig, TextCodec, TransformersEngine, _sample
 from apr_ray.rollout.runtime import Runtime, RuntimeConfig
 from apr_ray.tokenizer import build_tokenizer
 from apr_ray.types import EndReason
@@ -169,6 +169,29 @@ def test_seeded_sampling_reproducible_and_degenerate_filters_are_greedy(tok, mod
         (p, 24, SamplingConfig(temperature=1.0, top_p=1e-6, seed=2)),
     ])
     assert greedy.output_ids == top1.output_ids == tiny_p.output_ids
+
+
+def test_unseeded_rows_drawn_together_follow_each_rows_filtered_distribution():
+    """Unseeded rows with the same settings are drawn in one call: each row still samples from its own
+    logits, top-k / top-p cut each row's own tail, and a greedy or seeded row beside them is untouched."""
+    row_a = torch.log(torch.tensor([0.7, 0.2, 0.1, 1e-9, 1e-9, 1e-9]))
+    row_b = torch.log(torch.tensor([1e-9, 1e-9, 1e-9, 0.1, 0.3, 0.6]))
+    logits = torch.stack([row_a, row_b] * 2000)
+    torch.manual_seed(0)
+    plain = SamplingConfig(temperature=1.0)
+    tokens = _sample(logits, [plain] * len(logits), [None] * len(logits))
+    a, b = tokens[0::2], tokens[1::2]
+    assert set(a.tolist()) <= {0, 1, 2} and set(b.tolist()) <= {3, 4, 5}
+    assert abs((a == 0).float().mean().item() - 0.7) < 0.04 and abs((b == 5).float().mean().item() - 0.6) < 0.04
+    top2 = _sample(logits, [SamplingConfig(temperature=1.0, top_k=2)] * len(logits), [None] * len(logits))
+    assert set(top2[0::2].tolist()) == {0, 1} and set(top2[1::2].tolist()) == {4, 5}
+    nucleus = _sample(logits, [SamplingConfig(temperature=1.0, top_p=0.65)] * len(logits), [None] * len(logits))
+    assert set(nucleus[0::2].tolist()) == {0} and set(nucleus[1::2].tolist()) == {4, 5}
+    mixed = _sample(logits[:3], [GREEDY, plain, SamplingConfig(temperature=1.0, seed=4)],
+                    [None, None, torch.Generator().manual_seed(4)])
+    again = _sample(logits[:3], [GREEDY, plain, SamplingConfig(temperature=1.0, seed=4)],
+                    [None, None, torch.Generator().manual_seed(4)])
+    assert mixed[0].item() == 0 and mixed[2].item() == again[2].item()
 
 
 class EosAt(torch.nn.Module):
