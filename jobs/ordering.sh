@@ -15,8 +15,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/ordering}"
 SEED="${SEED:-0}"
 PY="${PY:-.venv/bin/python}"
-# Random number embeddings: what the figures in docs/results.md were measured with.
-COMMON=(--config tiny-long --set "seed=$SEED" --set sft.eval_every=0 --set model.number_embedding=random)
+# Random number embeddings and the 2026-12-02 schedule (a 100-step drop to 0.15x at step 5,000): what the
+# figures in docs/results.md were measured with.
+COMMON=(--config tiny-long --set "seed=$SEED" --set sft.eval_every=0 --set model.number_embedding=random
+        --set sft.learner.decay_start=5000 --set sft.learner.decay_steps=5100 --set sft.learner.min_lr_ratio=0.15)
 APR=(--set data.demos.solver.apr_max_beam=3 --set data.demos.solver.apr_max_sub_beam=3 --set sft.batch_sequences=19)
 SOSP=(--set data.demos.kind=sosp --set sft.batch_sequences=8)
 

@@ -198,7 +198,8 @@ def test_presets_differ_where_their_files_say():
     assert load_config("tiny").protocol != "sosp"
     long = load_config("tiny-long")
     learner = long.sft.learner
-    assert (long.sft.steps, learner.lr, learner.decay_start, learner.decay_steps) == (6000, 2e-3, 5000, 5100)
+    assert (long.sft.steps, learner.lr, learner.decay_start, learner.decay_steps, learner.min_lr_ratio) == (
+        6000, 2e-3, 4000, 6000, 0.02)
     assert (long.grpo.steps, long.grpo.eval_every) == (32, 16)
     assert learner.weight_decay == RunConfig().sft.learner.weight_decay  # only what the file names differs
     assert long.model == RunConfig().model and long.rollout == RunConfig().rollout
