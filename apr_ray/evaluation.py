@@ -140,7 +140,7 @@ def paired_difference(before: Sequence[bool], after: Sequence[bool]) -> tuple[fl
 def evaluate_model(evaluator: Evaluator, model: Any, max_batch_size: int = 64) -> EvalResult:
     """Evaluate a Hugging Face causal LM in this process with the transformers engine (its train / eval
     mode is restored afterwards)."""
-    from apr_ray.rollout.engines import TransformersEngine
+    from apr_ray.rollout.transformers_engine import TransformersEngine
 
     was_training = model.training
     engine = TransformersEngine(model, eos_token_id=evaluator.tokenizer.eos_token_id,

@@ -352,7 +352,7 @@ class Pipeline:
     def _local_engine(self, model_dir: Path, tokenizer: Any) -> Any:
         from transformers import AutoModelForCausalLM
 
-        from apr_ray.rollout.engines import TransformersEngine
+        from apr_ray.rollout.transformers_engine import TransformersEngine
 
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         windows = self.cfg.eval.sweep.windows

@@ -1,6 +1,6 @@
-"""Transformers engine benchmark: continuous batching (`apr_ray.rollout.engines.TransformersEngine`) against
-the static-batching engine it replaced (copied below as `StaticBatchEngine`), same process, same model,
-same prompts, greedy.
+"""Transformers engine benchmark: continuous batching (`apr_ray.rollout.transformers_engine.TransformersEngine`)
+against the static-batching engine it replaced (copied below as `StaticBatchEngine`), same process, same
+model, same prompts, greedy.
 
 Model: a preset from `apr_ray.modeling` with random weights. Requests end at EOS or at their own
 max_new_tokens, drawn uniformly from [--min-new, --max-new], so rows of a batch end at very different steps
@@ -38,7 +38,7 @@ import torch
 
 from apr_ray.modeling import get_preset, init_model
 from apr_ray.rollout.engines import Engine, GenerationResult, SamplingConfig
-from apr_ray.rollout.engines import TransformersEngine as ContinuousEngine
+from apr_ray.rollout.transformers_engine import TransformersEngine as ContinuousEngine
 from apr_ray.tokenizer import build_tokenizer
 
 RESULTS = Path(__file__).with_name("results.md")

@@ -219,7 +219,7 @@ def _transformers_engine(cfg: GeneratorConfig, tokenizer: Any) -> Engine:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from apr_ray.rollout.engines import TransformersEngine
+    from apr_ray.rollout.transformers_engine import TransformersEngine
 
     model = AutoModelForCausalLM.from_pretrained(cfg.engine.model, dtype=torch.float32)
     if torch.cuda.is_available():

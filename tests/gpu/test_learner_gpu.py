@@ -17,7 +17,8 @@ from apr_ray.countdown.solvers import SolverConfig, solve_apr
 from apr_ray.learner.config import GRPOConfig, LearnerConfig
 from apr_ray.learner.engine import Learner
 from apr_ray.modeling import get_preset, init_model, save_pretrained
-from apr_ray.rollout.engines import SamplingConfig, TransformersEngine
+from apr_ray.rollout.engines import SamplingConfig
+from apr_ray.rollout.transformers_engine import TransformersEngine
 from apr_ray.tokenizer import build_tokenizer
 from apr_ray.types import TrainSequence
 

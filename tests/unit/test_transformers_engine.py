@@ -12,8 +12,9 @@ import torch
 
 from apr_ray.countdown.protocol import AprProtocol
 from apr_ray.modeling import ModelConfig, init_model
-from apr_ray.rollout.engines import SamplingConfig, TextCodec, TransformersEngine, _sample
+from apr_ray.rollout.engines import SamplingConfig, TextCodec
 from apr_ray.rollout.runtime import Runtime, RuntimeConfig
+from apr_ray.rollout.transformers_engine import TransformersEngine, _sample
 from apr_ray.tokenizer import build_tokenizer
 from apr_ray.types import EndReason
 
