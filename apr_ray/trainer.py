@@ -27,7 +27,7 @@ from apr_ray.config import RunConfig
 from apr_ray.countdown.problems import Problem
 from apr_ray.evaluation import EvalResult, Evaluator
 from apr_ray.grpo import faulted, flat_groups, prepare_sequences
-from apr_ray.rewards import score_tree
+from apr_ray.rewards import acceleration_ratio, score_tree
 from apr_ray.sft import stop_on_interrupt
 from apr_ray.types import TreeRecord
 
@@ -76,11 +76,12 @@ def rollout_metrics(trees: list[TreeRecord], rewards: list[float], learner_versi
     n = max(len(trees), 1)
     lags = [learner_version - t.policy_version for t in trees] or [0]
     correct = [t for t in trees if t.correct]
-    # what the critical-path bonus should shorten; absent in a step without a correct tree (not 0)
+    # what the critical-path bonus should shorten, and the range of eta it works over (its coef and cap are
+    # chosen from that range); absent in a step without a correct tree (not 0)
     on_correct = {
         "correct_critical_path_mean": sum(t.metrics.tokens_critical_path for t in correct) / len(correct),
         "correct_tokens_total_mean": sum(t.metrics.tokens_total for t in correct) / len(correct),
-    } if correct else {}
+    } | _quartiles("correct_eta", [acceleration_ratio(t) for t in correct]) if correct else {}
     return on_correct | {
         "reward_mean": sum(rewards) / max(len(rewards), 1),
         "reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
@@ -92,6 +93,12 @@ def rollout_metrics(trees: list[TreeRecord], rewards: list[float], learner_versi
         "version_lag_mean": sum(lags) / len(lags),
         "version_lag_max": float(max(lags)),
     }
+
+
+def _quartiles(name: str, values: list[float]) -> dict[str, float]:
+    """p25, p50, p75 of `values` (nearest rank): the spread a mean hides."""
+    ranked = sorted(values)
+    return {f"{name}_p{q}": ranked[min(len(ranked) - 1, len(ranked) * q // 100)] for q in (25, 50, 75)}
 
 
 class GRPOTrainer:

@@ -431,4 +431,7 @@ def test_rollout_metrics_report_the_critical_path_of_correct_trees_only():
     m = rollout_metrics([tree(True, 300, 100), tree(False, 900, 900), tree(True, 500, 300)], [1.0, 0.0, 1.0], 0)
     assert m["correct_critical_path_mean"] == 200 and m["correct_tokens_total_mean"] == 400
     assert m["tokens_critical_path_mean"] == (100 + 900 + 300) / 3
+    # eta = 1 - cp / total of the correct trees: 2/3 and 2/5
+    assert m["correct_eta_p25"] == pytest.approx(0.4) and m["correct_eta_p75"] == pytest.approx(2 / 3)
     assert "correct_critical_path_mean" not in rollout_metrics([tree(False, 10, 10)], [0.0], 0)
+    assert "correct_eta_p50" not in rollout_metrics([tree(False, 10, 10)], [0.0], 0)
