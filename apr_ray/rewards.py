@@ -13,7 +13,7 @@ Departures from the references (shared/research/parallel_reasoning.md §3):
 - ThreadWeaver's released code rewards wrong answers with -1; here `incorrect_reward` defaults to 0
   (the paper's and APR's 0/1), configurable.
 - APR's TinyRL defines length and thread penalties but never calls them; here they exist and are off
-  by default.
+  by default, beside a smooth cost per generated token (`token_cost_per_1k`).
 - ThreadWeaver's bonus min(0.5 * eta, 0.2) is flat above eta = 0.4, where 76-93% of solved spawning APR
   demonstrations on the paper's problems sit; here min(0.3 * eta, 0.27) rises up to eta = 0.9, above
   every solved demonstration measured (eta at most 0.48 on the tiny problems, 0.85 on the paper's:
@@ -61,6 +61,10 @@ class RewardConfig(BaseModel):
         None, ge=1, description="total generated tokens above which token_cap_penalty applies; None: off"
     )
     token_cap_penalty: float = Field(0.0, ge=0.0, description="subtracted once when tokens_total > token_cap")
+    token_cost_per_1k: float = Field(
+        0.0, ge=0.0, description="subtracted per 1,000 tokens the tree generated (all threads): the compute a "
+        "tree spends, as a smooth cost where token_cap is a step; 0: off"
+    )
     max_threads: int | None = Field(
         None, ge=1, description="logical threads (root included) allowed before thread_penalty; None: off"
     )
@@ -124,6 +128,11 @@ def token_cap_penalty(tree: TreeRecord, cfg: RewardConfig) -> float:
     if cfg.token_cap is None or tree.metrics.tokens_total <= cfg.token_cap:
         return 0.0
     return -cfg.token_cap_penalty
+
+
+@reward_term("token_cost")
+def token_cost(tree: TreeRecord, cfg: RewardConfig) -> float:
+    return -cfg.token_cost_per_1k * tree.metrics.tokens_total / 1000
 
 
 @reward_term("threads")

@@ -61,7 +61,7 @@ def test_default_bonus_rises_over_the_eta_of_solved_parallel_trees():
 def test_incorrect_tree_gets_no_bonus():
     r = score_tree(tree(False, 100, 20, threads=5), RewardConfig())
     assert r.terms == {"correct": 0.0, "critical_path": 0.0, "critical_path_tokens": 0.0, "token_cap": 0.0,
-                       "threads": 0.0}
+                       "token_cost": 0.0, "threads": 0.0}
     assert r.total == 0.0
     assert score_tree(tree(False, 100, 20), RewardConfig(incorrect_reward=-1.0)).total == -1.0
 
@@ -104,6 +104,14 @@ def test_token_cap_penalty():
     assert r.total == pytest.approx(0.5)
 
 
+def test_token_cost_is_linear_in_the_tokens_of_the_whole_tree():
+    cfg = RewardConfig(token_cost_per_1k=0.5, critical_path_enabled=False)
+    assert score_tree(tree(False, 400, 100, threads=3), cfg).terms["token_cost"] == pytest.approx(-0.2)
+    r = score_tree(tree(True, 1200, 1200), cfg)
+    assert r.terms["token_cost"] == pytest.approx(-0.6) and r.total == pytest.approx(0.4)
+    assert score_tree(tree(True, 1200, 1200), RewardConfig()).terms["token_cost"] == 0.0  # off by default
+
+
 def test_thread_penalty_per_thread_over_limit():
     cfg = RewardConfig(max_threads=3, thread_penalty=0.1, critical_path_enabled=False)
     assert score_tree(tree(True, 100, 50, threads=3), cfg).terms["threads"] == 0.0
@@ -113,11 +121,11 @@ def test_thread_penalty_per_thread_over_limit():
 
 
 def test_breakdown_sums_to_total_with_every_term():
-    cfg = RewardConfig(token_cap=50, token_cap_penalty=0.3, max_threads=2, thread_penalty=0.1)
+    cfg = RewardConfig(token_cap=50, token_cap_penalty=0.3, max_threads=2, thread_penalty=0.1, token_cost_per_1k=1.0)
     r = score_tree(tree(True, 100, 40, threads=4), cfg)
     assert list(r.terms) == list(REWARD_TERMS)
-    # 1 + min(0.3 * 0.6, 0.27) - 0.3 - 0.1 * 2
-    assert r.total == pytest.approx(1 + 0.18 - 0.3 - 0.2)
+    # 1 + min(0.3 * 0.6, 0.27) - 0.3 - 0.1 * 2 - 100 / 1000
+    assert r.total == pytest.approx(1 + 0.18 - 0.3 - 0.2 - 0.1)
     assert r.total == pytest.approx(sum(r.terms.values()))
 
 
