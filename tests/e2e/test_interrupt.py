@@ -48,6 +48,20 @@ def _tail(path: Path, n: int = 6000) -> str:
     return path.read_text(errors="replace")[-n:] if path.is_file() else ""
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A command started in the background of a shell (`make test &`, nohup) inherits SIGINT ignored, and then
+    rightly installs no Ctrl-C handler: these tests are about a foreground command, so they undo that."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture
+def sigint_handled():
+    before = signal.getsignal(signal.SIGINT)
+    _sigint_as_in_a_terminal()
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
     """`apr-ray sft` stopped with SIGINT once its loss is in metrics.jsonl."""
@@ -60,7 +74,8 @@ def interrupted(tmp_path_factory):
     sets = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
     cmd = [sys.executable, "-m", "apr_ray.cli", "sft", "--no-progress", "--set", f"output_dir={out}", *sets]
     with open(stdout_f, "w") as so, open(stderr_f, "w") as se:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=so, stderr=se, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=so, stderr=se, start_new_session=True,
+                                preexec_fn=_sigint_as_in_a_terminal)
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
             while not _logged_steps(out / "metrics.jsonl", "sft/loss"):
@@ -171,7 +186,7 @@ def _run_loop(signals: dict[int, int]):
     return result, learner, logged, evaluated, saved
 
 
-def test_one_ctrl_c_stops_after_the_step_in_flight_and_checkpoints_it():
+def test_one_ctrl_c_stops_after_the_step_in_flight_and_checkpoints_it(sigint_handled):
     before = signal.getsignal(signal.SIGINT)
     result, learner, logged, evaluated, saved = _run_loop({7: 1})
     assert result.interrupted and result.steps == 7 and learner.step == 7
@@ -184,7 +199,7 @@ def test_one_ctrl_c_stops_after_the_step_in_flight_and_checkpoints_it():
     assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
 
 
-def test_a_second_ctrl_c_abandons_the_step_in_flight():
+def test_a_second_ctrl_c_abandons_the_step_in_flight(sigint_handled):
     before = signal.getsignal(signal.SIGINT)
     result, learner, logged, evaluated, saved = _run_loop({3: 2})
     # The second signal raises KeyboardInterrupt inside step 3 (before its update here): 2 steps done,
