@@ -57,6 +57,15 @@ class RewardConfig(BaseModel):
     critical_path_tokens_ref: int = Field(
         1024, ge=1, description="critical path tokens at which critical_path_tokens pays nothing"
     )
+    critical_path_excess_coef: float = Field(
+        0.0, ge=0.0,
+        description="charge correct trees coef * max(0, critical path tokens / critical_path_excess_ref - 1): a "
+        "cost of the critical path beyond a budget, none within it; 0: off",
+    )
+    critical_path_excess_ref: int = Field(
+        448, ge=1, description="the critical path budget of critical_path_excess, in tokens (set it near the "
+        "SFT model's: what the term holds the critical path to)"
+    )
     token_cap: int | None = Field(
         None, ge=1, description="total generated tokens above which token_cap_penalty applies; None: off"
     )
@@ -120,6 +129,14 @@ def critical_path_tokens_bonus(tree: TreeRecord, cfg: RewardConfig) -> float:
         return 0.0
     shortness = 1.0 - tree.metrics.tokens_critical_path / cfg.critical_path_tokens_ref
     return cfg.critical_path_tokens_coef * max(0.0, shortness)
+
+
+@reward_term("critical_path_excess")
+def critical_path_excess_cost(tree: TreeRecord, cfg: RewardConfig) -> float:
+    if not (cfg.critical_path_excess_coef > 0 and tree.correct):
+        return 0.0
+    excess = tree.metrics.tokens_critical_path / cfg.critical_path_excess_ref - 1.0
+    return -cfg.critical_path_excess_coef * max(0.0, excess)
 
 
 @reward_term("token_cap")

@@ -60,8 +60,8 @@ def test_default_bonus_rises_over_the_eta_of_solved_parallel_trees():
 
 def test_incorrect_tree_gets_no_bonus():
     r = score_tree(tree(False, 100, 20, threads=5), RewardConfig())
-    assert r.terms == {"correct": 0.0, "critical_path": 0.0, "critical_path_tokens": 0.0, "token_cap": 0.0,
-                       "token_cost": 0.0, "threads": 0.0}
+    assert r.terms == {"correct": 0.0, "critical_path": 0.0, "critical_path_tokens": 0.0,
+                       "critical_path_excess": 0.0, "token_cap": 0.0, "token_cost": 0.0, "threads": 0.0}
     assert r.total == 0.0
     assert score_tree(tree(False, 100, 20), RewardConfig(incorrect_reward=-1.0)).total == -1.0
 
@@ -78,6 +78,17 @@ def test_critical_path_tokens_pays_the_shorter_critical_path_not_the_wider_tree(
     assert score_tree(tree(True, 2000, 1500), cfg).terms["critical_path_tokens"] == 0.0  # past ref: nothing
     assert score_tree(tree(False, 900, 300), cfg).terms["critical_path_tokens"] == 0.0  # wrong: nothing
     assert score_tree(tree(True, 900, 300), RewardConfig()).terms["critical_path_tokens"] == 0.0  # off by default
+
+
+def test_critical_path_excess_charges_only_beyond_the_budget():
+    cfg = RewardConfig(critical_path_enabled=False, critical_path_excess_coef=2.0, critical_path_excess_ref=400)
+    within, at, beyond = (score_tree(tree(True, 900, cp, threads=4), cfg) for cp in (250, 400, 500))
+    assert within.terms["critical_path_excess"] == 0.0  # short trees feel no pull to cut their search
+    assert at.terms["critical_path_excess"] == 0.0
+    assert beyond.terms["critical_path_excess"] == pytest.approx(-0.5)  # 2 x (500 / 400 - 1)
+    assert beyond.total == pytest.approx(0.5)
+    assert score_tree(tree(False, 900, 800), cfg).terms["critical_path_excess"] == 0.0  # wrong: nothing to pay
+    assert score_tree(tree(True, 900, 800), RewardConfig()).terms["critical_path_excess"] == 0.0  # off by default
 
 
 def test_bonus_disabled():
