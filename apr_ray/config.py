@@ -124,8 +124,10 @@ class RolloutConfig(BaseModel):
     runtime: RuntimeConfig = Field(default_factory=lambda: RuntimeConfig(max_tokens=1024, context_window=2048),
                                    description="limits of every tree; its sampling is the training rollouts' "
                                    "(evaluation samples with eval.sampling)")
-    # The tiny preset's machine has 2 cores: the learner idles during rollouts, so the generator takes both.
-    pool: PoolConfig = Field(default_factory=lambda: PoolConfig(threads_per_worker=2))
+    # One OpenMP thread: for the tiny preset's 1M-parameter model on the transformers engine, a second thread
+    # costs more per op than it shares (serial GRPO rollouts 1.6-1.75x faster at one thread, tree rollouts
+    # 1.08x; docs/results.md, 2026-12-07). vLLM's CPU backend is the other way round: give it 2 there.
+    pool: PoolConfig = Field(default_factory=lambda: PoolConfig(threads_per_worker=1))
 
 
 class GRPOStageConfig(BaseModel):

@@ -175,6 +175,8 @@ def benchmarks(reference_dir: str | None) -> list[Benchmark]:
             ["--steps", "2", "--completion", "16", "--sft-steps", "10"], 8.0,
             [Figure("apr-ray grpo, serial step (transformers generator, the tiny preset's), speed",
                     "TRL GRPOTrainer, same model and batch", "serial_speed_vs_trl_transformers", at_least=1.0),
+             Figure("apr-ray grpo, serial step (transformers generator at 1 thread), speed",
+                    "TRL GRPOTrainer, same model and batch", "serial_speed_vs_trl_transformers_1thread", at_least=1.0),
              Figure("apr-ray grpo, serial step (vLLM generator), speed", "TRL GRPOTrainer, same model and batch",
                     "serial_speed_vs_trl_vllm"),
              Figure("tree GRPO, s per 1k generated tokens", "serial GRPO at the same generated tokens",
