@@ -278,11 +278,21 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def raised_line(stderr: list[str]) -> str:
+    """The last line of stderr that names an exception (`SomeError: ...`), else its last line: warnings printed
+    at interpreter shutdown come after the traceback and say nothing about the failure."""
+    for line in reversed(stderr):
+        name = line.split(":", 1)[0].strip()
+        if ":" in line and " " not in name and name.rsplit(".", 1)[-1].endswith(("Error", "Exception")):
+            return line.strip()
+    return stderr[-1]
+
+
 def summary_rows(run: Run) -> list[str]:
     """The summary table's rows of one benchmark."""
     if run.error is not None:
         reason, *stderr = run.error.splitlines()
-        why = f"{reason}: {stderr[-1]}" if stderr else reason
+        why = f"{reason}: {raised_line(stderr)}" if stderr else reason
         return [f"| {run.bench.name} | **FAILED**: {cell(why)} | | | | |"]
     rows = []
     for fig in run.bench.figures:

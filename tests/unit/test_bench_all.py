@@ -65,7 +65,8 @@ def test_a_failed_benchmark_is_recorded_and_the_others_still_run(runner, tmp_pat
               'print(\'BENCH_SUMMARY {"speed": 2.0, "ratio": 1.25}\')\n',
               [runner.Figure("speed {speed:.1f}", "baseline", "ratio", at_least=1.0)])
     crash = fake(runner, tmp_path, "crash", 'import sys\nprint("half a table")\n'
-                 'sys.stderr.write("loading\\nValueError: boom\\n")\nsys.exit(3)\n')
+                 'sys.stderr.write("loading\\nValueError: boom\\nUserWarning: leaked semaphore at shutdown\\n")\n'
+                 'sys.exit(3)\n')
     silent = fake(runner, tmp_path, "silent", 'print("markdown but no summary")\n')
     results = tmp_path / "out" / "results.md"
 
