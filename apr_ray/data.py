@@ -765,7 +765,20 @@ def split_sft_stream(demos_path: str | Path, world_size: int, *, seed: int) -> l
     # that wait for a CPU, so the SFT stage would hang.
     ds = ray.data.from_items(row_groups, override_num_blocks=len(row_groups)).randomize_block_order(seed=seed)
     ds = ds.map_batches(_read_row_groups, batch_size=None, batch_format="pyarrow", num_cpus=0)
+    # Blocks otherwise leave in the order their reads finish: the same seed would not give the same batches.
+    ds.context.execution_options.preserve_order = True
     return ds.streaming_split(world_size, equal=True)
+
+
+def iter_sft_stream_epoch(
+    demos_path: str | Path, batch_sequences: int, *, shuffle_buffer: int, seed: int
+) -> Iterator[list[TrainSequence]]:
+    """One pass over the demos through Ray Data for a single learner rank, in the order `seed` sets: row
+    groups and shuffle buffer alike, as the Parquet reader does. Call it with a new seed per epoch: a stream
+    split once and read again keeps its row-group order, so every epoch would open and close on the same
+    problems."""
+    (stream,) = split_sft_stream(demos_path, 1, seed=seed)
+    yield from iter_sft_batches(stream, batch_sequences, shuffle_buffer=shuffle_buffer, seed=seed)
 
 
 def _read_row_groups(batch: pa.Table) -> pa.Table:

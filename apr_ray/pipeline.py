@@ -180,7 +180,7 @@ class Pipeline:
 
     def sft(self, model_dir: Path) -> Path:
         """SFT on a Ray learner group from `model_dir`; returns the exported model directory."""
-        from apr_ray.data import iter_sft_batches, split_sft_stream
+        from apr_ray.data import iter_sft_stream_epoch
         from apr_ray.learner.actor import LearnerGroup
         from apr_ray.sft import epochs, run_sft
         from apr_ray.weight_sync import ObjectStoreTransport
@@ -212,9 +212,8 @@ class Pipeline:
         def checkpoint(step: int) -> None:
             learner.save_checkpoint(self.ws.checkpoints("sft"), {"sft_step": step})
 
-        (stream,) = split_sft_stream(demos, 1, seed=cfg.seed)
-        batches = epochs(lambda e: iter_sft_batches(stream, cfg.sft.batch_sequences,
-                                                    shuffle_buffer=cfg.sft.shuffle_buffer, seed=cfg.seed + e))
+        batches = epochs(lambda e: iter_sft_stream_epoch(demos, cfg.sft.batch_sequences,
+                                                         shuffle_buffer=cfg.sft.shuffle_buffer, seed=cfg.seed + e))
         start = time.perf_counter()
         try:
             result = run_sft(cfg.sft, learner, batches, log=log, evaluate=evaluate, checkpoint=checkpoint,

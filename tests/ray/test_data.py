@@ -15,9 +15,11 @@ from apr_ray.data import (
     DemosConfig,
     DemoWorker,
     TextEncoder,
+    _row_groups,
     generate_demos,
     generate_problem_data,
     iter_sft_batches,
+    iter_sft_stream_epoch,
     parquet_files,
     problems_table,
     read_demo_rows,
@@ -168,6 +170,19 @@ def test_the_grpo_problem_stream_flows_while_actors_hold_every_cpu(every_cpu_hel
     assert set(first_epoch) <= set(train) and len(got[-1]) == 4  # and the next epoch starts
     again = read_within(120, lambda: islice(problem_stream(path, 4, seed=0), len(train) // 4 + 1))
     assert again == got  # same seed, same order: `apr-ray grpo --resume` skips the finished steps' batches
+
+
+def test_each_sft_stream_epoch_has_its_own_row_group_order(demos):
+    out, _, summary = demos
+    assert len(_row_groups(out)) >= 4
+
+    def epoch(seed: int) -> list[tuple[int, ...]]:  # stored order within row groups: only their order moves
+        return [tuple(s.output_ids) for b in iter_sft_stream_epoch(out, 8, shuffle_buffer=0, seed=seed) for s in b]
+
+    first, second = epoch(0), epoch(1)
+    assert len(first) == summary.sequences and sorted(first) == sorted(second)
+    assert first != second
+    assert epoch(0) == first  # the same seed, the same order: a resumed run sees the same batches
 
 
 def test_ray_streaming_split_feeds_two_consumers(demos):
