@@ -9,7 +9,7 @@ time. The file is rewritten after every benchmark, so an interrupted run keeps w
 benchmark that fails (non-zero exit, no summary line, or past its time limit) is recorded as FAILED with
 the end of its stderr; the others still run, and the runner exits 1.
 
-    .venv/bin/python bench/all.py                     # ~10 min on 2 idle cores; rewrites bench/results.md
+    .venv/bin/python bench/all.py                     # ~28 min on 2 idle cores; rewrites bench/results.md
     .venv/bin/python bench/all.py --only learner,rollout
     .venv/bin/python bench/all.py --quick --results /tmp/bench-quick.md    # small sizes: a smoke test, ~15 min
 
@@ -105,7 +105,7 @@ class Benchmark:
 
 def benchmarks(reference_dir: str | None) -> list[Benchmark]:
     """The suite, in the order it runs (quick ones first), with the flags of a full run sized so the whole
-    takes ~10 min on 2 idle cores (minutes from each script's docstring and bench/results.md's timings)."""
+    takes ~28 min on 2 idle cores, 2026-12-07 (minutes from each script's docstring and bench/results.md's timings)."""
     reference = ["--reference-dir", reference_dir] if reference_dir else []
     return [
         Benchmark(
