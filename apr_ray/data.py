@@ -603,24 +603,21 @@ def iter_sft_batches(
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
         rows = _rank_rows(demos, seed, rank, world_size, eos_id)
-        if shuffle_buffer > 1:
-            rows = _buffered_shuffle(rows, shuffle_buffer, random.Random(f"{seed}/{rank}"))
-        batch: list[TrainSequence] = []
-        for seq in rows:
-            batch.append(seq)
-            if len(batch) == batch_sequences:
-                yield batch
-                batch = []
-        if batch:
+    else:
+        rows = (seq for table in demos.iter_batches(batch_size=None, batch_format="pyarrow")
+                for seq in _to_sequences(table, eos_id))
+    # One shuffle for both sources: with the row groups in the same order, a one-rank Ray stream gives the
+    # Parquet reader's batches, so the Ray job and the plain script train the same model from one config.
+    if shuffle_buffer > 1:
+        rows = _buffered_shuffle(rows, shuffle_buffer, random.Random(f"{seed}/{rank}"))
+    batch: list[TrainSequence] = []
+    for seq in rows:
+        batch.append(seq)
+        if len(batch) == batch_sequences:
             yield batch
-        return
-    for table in demos.iter_batches(
-        batch_size=batch_sequences,
-        batch_format="pyarrow",
-        local_shuffle_buffer_size=shuffle_buffer if shuffle_buffer > 1 else None,
-        local_shuffle_seed=seed if shuffle_buffer > 1 else None,
-    ):
-        yield _to_sequences(table, eos_id)
+            batch = []
+    if batch:
+        yield batch
 
 
 # --- shared by the Ray Data and the local pipelines -----------------------------------------------
@@ -759,11 +756,13 @@ def split_sft_stream(demos_path: str | Path, world_size: int, *, seed: int) -> l
     seeded order); hand iterator i to rank i and read it with `iter_sft_batches`."""
     import ray.data
 
-    row_groups = [{"file": str(f), "row_group": g} for f, g, _ in _row_groups(demos_path)]
+    groups = _row_groups(demos_path)
+    random.Random(seed).shuffle(groups)  # the Parquet reader's order (`_rank_rows`)
+    row_groups = [{"file": str(f), "row_group": g} for f, g, _ in groups]
     # Every task here asks for no CPU: the learners (and generators, and other jobs' actors) may hold all
     # the cluster's CPUs while they read this stream, and `read_parquet` lists and samples files in tasks
     # that wait for a CPU, so the SFT stage would hang.
-    ds = ray.data.from_items(row_groups, override_num_blocks=len(row_groups)).randomize_block_order(seed=seed)
+    ds = ray.data.from_items(row_groups, override_num_blocks=len(row_groups))
     ds = ds.map_batches(_read_row_groups, batch_size=None, batch_format="pyarrow", num_cpus=0)
     # Blocks otherwise leave in the order their reads finish: the same seed would not give the same batches.
     ds.context.execution_options.preserve_order = True
@@ -773,10 +772,10 @@ def split_sft_stream(demos_path: str | Path, world_size: int, *, seed: int) -> l
 def iter_sft_stream_epoch(
     demos_path: str | Path, batch_sequences: int, *, shuffle_buffer: int, seed: int
 ) -> Iterator[list[TrainSequence]]:
-    """One pass over the demos through Ray Data for a single learner rank, in the order `seed` sets: row
-    groups and shuffle buffer alike, as the Parquet reader does. Call it with a new seed per epoch: a stream
-    split once and read again keeps its row-group order, so every epoch would open and close on the same
-    problems."""
+    """One pass over the demos through Ray Data for a single learner rank: the batches the Parquet reader
+    (`iter_sft_batches(demos_path, ...)`) gives for the same seed, in the same order. Call it with a new seed
+    per epoch: a stream split once and read again keeps its row-group order, so every epoch would open and
+    close on the same problems."""
     (stream,) = split_sft_stream(demos_path, 1, seed=seed)
     yield from iter_sft_batches(stream, batch_sequences, shuffle_buffer=shuffle_buffer, seed=seed)
 
