@@ -127,7 +127,9 @@ class RolloutConfig(BaseModel):
     # One OpenMP thread: for the tiny preset's 1M-parameter model on the transformers engine, a second thread
     # costs more per op than it shares (serial GRPO rollouts 1.6-1.75x faster at one thread, tree rollouts
     # 1.08x; docs/results.md, 2026-12-07). vLLM's CPU backend is the other way round: give it 2 there.
-    pool: PoolConfig = Field(default_factory=lambda: PoolConfig(threads_per_worker=1))
+    # Two generators: the learner idles while they roll out and evaluate, so the second takes its other core
+    # (200 validation problems of the longer preset: 88 s against 122 s with one).
+    pool: PoolConfig = Field(default_factory=lambda: PoolConfig(num_workers=2, threads_per_worker=1))
 
 
 class GRPOStageConfig(BaseModel):

@@ -201,10 +201,10 @@ def test_presets_differ_where_their_files_say():
     assert (long.sft.steps, learner.lr, learner.decay_start, learner.decay_steps, learner.min_lr_ratio) == (
         6000, 2e-3, 4000, 6000, 0.02)
     assert (long.sft.eval_every, long.grpo.steps, long.grpo.eval_every) == (3000, 16, 16)
-    assert long.rollout.pool.num_workers == 2
     assert learner.weight_decay == RunConfig().sft.learner.weight_decay  # only what the file names differs
     assert long.model == RunConfig().model and long.rollout.engine == RunConfig().rollout.engine
-    assert long.rollout.pool.threads_per_worker == RunConfig().rollout.pool.threads_per_worker
+    assert long.rollout.pool == RunConfig().rollout.pool
+    assert (RunConfig().rollout.pool.num_workers, RunConfig().rollout.pool.threads_per_worker) == (2, 1)
 
 
 @pytest.mark.parametrize("preset, overrides", [
