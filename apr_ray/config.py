@@ -60,10 +60,11 @@ class SFTConfig(BaseModel):
     batch_sequences: int = Field(16, ge=1, description="thread sequences per optimizer step")
     shuffle_buffer: int = Field(4096, ge=0, description="sequences held for shuffling the stream; <= 1 keeps file order")
     # Warm-up, stable, decay (docs/results.md): the tiny model learns the arithmetic at a high constant rate and
-    # turns it into solved problems in the steps after the drop.
+    # turns it into solved problems while the rate decays. The last third decays linearly to near zero, as
+    # tiny-long's does: on the same batches 38.0% solved against 33.0% with a 100-step drop to 0.15x held.
     learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(
-        lr=2e-3, warmup_steps=20, weight_decay=0.01, lr_schedule="linear", decay_start=1800, decay_steps=1900,
-        min_lr_ratio=0.15))
+        lr=2e-3, warmup_steps=20, weight_decay=0.01, lr_schedule="linear", decay_start=1600, decay_steps=2400,
+        min_lr_ratio=0.02))
     eval_every: int = Field(0, ge=0, description="evaluate on the validation split every this many steps; 0: at the end only")
     checkpoint_every: int = Field(0, ge=0, description="DeepSpeed checkpoint every this many steps; 0: at the end only")
     log_every: int = Field(10, ge=1, description="metrics to MLflow every this many steps")
