@@ -552,14 +552,20 @@ def _buffered_shuffle(items: Iterator[TrainSequence], size: int, rng: random.Ran
     yield from buffer
 
 
+def _seeded_row_groups(path: str | Path, seed: int) -> list[tuple[Path, int, int]]:
+    """The row groups in the order one epoch reads them: the Parquet reader and the Ray stream share it."""
+    groups = _row_groups(path)
+    random.Random(seed).shuffle(groups)
+    return groups
+
+
 def _rank_rows(path: str | Path, seed: int, rank: int, world_size: int, eos_id: int) -> Iterator[TrainSequence]:
     """This rank's sequences: row groups in a seeded order, and from each a contiguous 1/world_size
     slice (so any number of row groups serves any number of ranks; which rank gets which slice rotates
     from group to group, so the odd rows spread evenly). Every rank stops at the smallest rank's row
     count, so all ranks take the same number of steps (DeepSpeed needs that). Each rank decodes every
     row group: cheap next to training on it."""
-    groups = _row_groups(path)
-    random.Random(seed).shuffle(groups)
+    groups = _seeded_row_groups(path, seed)
 
     def share(k: int, n: int, r: int) -> tuple[int, int]:
         slot = (r + k) % world_size
@@ -756,9 +762,7 @@ def split_sft_stream(demos_path: str | Path, world_size: int, *, seed: int) -> l
     seeded order); hand iterator i to rank i and read it with `iter_sft_batches`."""
     import ray.data
 
-    groups = _row_groups(demos_path)
-    random.Random(seed).shuffle(groups)  # the Parquet reader's order (`_rank_rows`)
-    row_groups = [{"file": str(f), "row_group": g} for f, g, _ in groups]
+    row_groups = [{"file": str(f), "row_group": g} for f, g, _ in _seeded_row_groups(demos_path, seed)]
     # Every task here asks for no CPU: the learners (and generators, and other jobs' actors) may hold all
     # the cluster's CPUs while they read this stream, and `read_parquet` lists and samples files in tasks
     # that wait for a CPU, so the SFT stage would hang.
