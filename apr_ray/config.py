@@ -89,6 +89,10 @@ class PoolConfig(BaseModel):
     groups_per_request: int = Field(4, ge=1, description="problems (each a group of samples) per request to a generator")
     requests_per_worker: int = Field(4, ge=1, description="requests in flight per generator")
     max_restarts: int = Field(10, ge=0, description="replacements of dead generators per stage before the run fails")
+    placement_timeout_s: float = Field(
+        120.0, ge=0.0, description="how long a new generator may wait for the cluster to have room for it (its "
+        "CPUs, GPUs, worker_resource) before the pool goes on without it; fewer than min_workers placed fails the "
+        "run, naming what is missing. Raise it where an autoscaler adds nodes. 0: wait without end")
     worker_resource: str = Field(
         "", description="a custom Ray resource each generator takes one unit of (e.g. 'rollout', offered by the "
         "rollout worker group of cluster/raycluster.yaml); empty: none")

@@ -15,6 +15,9 @@ Owns who serves which request, and what happens when an actor dies:
   answering) is counted once, and a request lost with its actor is served again, so every problem of a
   rollout comes back exactly once;
 - `resize(n)` grows or shrinks the pool within [min_workers, max_workers] between rollouts;
+- a new actor the cluster has no room for (another job holds the CPUs) is given up after
+  `placement_timeout_s` and the pool goes on smaller, down to `min_workers`; below that the run fails with
+  a `PoolError` that names the resources each actor takes and what the cluster has free;
 - with `follow_cluster`, `follow_cluster()` (between GRPO steps) sizes the pool to the units of
   `worker_resource` that the cluster's live nodes offer: a node that joins gets actors (loaded with the
   current weights before they serve), and a dead actor whose node left is not replaced when no capacity
@@ -116,9 +119,11 @@ class GeneratorPool:
     def version(self) -> int:
         return self.weights.version if self.weights is not None else self.gen_cfg.initial_version
 
-    def _start_actors(self, count: int) -> list[Any]:
-        """`count` new generators with their engines up and the current weights loaded. They start side by
-        side: an engine takes seconds (transformers) to minutes (vLLM) to come up."""
+    def _start_actors(self, count: int, required: int) -> list[Any]:
+        """Up to `count` new generators with their engines up and the current weights loaded. They start side
+        by side: an engine takes seconds (transformers) to minutes (vLLM) to come up. Those the cluster has no
+        room for within `placement_timeout_s` are given up (other jobs may hold its CPUs: waiting on would hang
+        the run without a word); fewer than `required` placed is a `PoolError`."""
         options: dict[str, Any] = {}
         if self.cfg.threads_per_worker:
             # Ray would set OMP_NUM_THREADS to num_cpus; vLLM's CPU backend binds its OMP threads itself and,
@@ -138,6 +143,17 @@ class GeneratorPool:
             for _ in range(count)
         ]
         try:
+            placed = self._placed(actors)
+            for actor in actors:
+                if actor not in placed:
+                    ray.kill(actor)
+            if len(placed) < required:
+                raise PoolError(self._no_room(len(placed), count, required))
+            if len(placed) < count:
+                log.warning("generator pool: the cluster had room for %d of %d new generators within "
+                            "rollout.pool.placement_timeout_s = %.0f s; going on with %d (%s)", len(placed), count,
+                            self.cfg.placement_timeout_s, self.size + len(placed), self._free_resources())
+            actors = placed
             ray.get([actor.start.remote() for actor in actors])
             if self.weights is not None:
                 ray.get([actor.update_weights.remote(self.weights) for actor in actors])
@@ -147,12 +163,42 @@ class GeneratorPool:
             raise
         return actors
 
+    def _placed(self, actors: list[Any]) -> list[Any]:
+        """The actors Ray found room for within `placement_timeout_s`: their constructor has run (a `ping`
+        answers), which takes seconds; the engine comes up later, in `start`."""
+        pings = {actor.ping.remote(): actor for actor in actors}
+        ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=self.cfg.placement_timeout_s or None)
+        return [actor for ref, actor in pings.items() if ref in set(ready)]
+
+    def _per_worker(self) -> str:
+        need = [f"rollout.pool.cpus_per_worker = {self.cfg.cpus_per_worker:g} CPU"]
+        if self.cfg.gpus_per_worker:
+            need.append(f"rollout.pool.gpus_per_worker = {self.cfg.gpus_per_worker:g} GPU")
+        if self.cfg.worker_resource:
+            need.append(f"1 {self.cfg.worker_resource!r} (rollout.pool.worker_resource)")
+        return ", ".join(need)
+
+    def _free_resources(self) -> str:
+        free, total = ray.available_resources(), ray.cluster_resources()
+        names = ["CPU", *(["GPU"] if total.get("GPU") or self.cfg.gpus_per_worker else []),
+                 *([self.cfg.worker_resource] if self.cfg.worker_resource else [])]
+        return "free now: " + ", ".join(f"{name} {free.get(name, 0.0):g} of {total.get(name, 0.0):g}"
+                                        for name in names)
+
+    def _no_room(self, placed: int, count: int, required: int) -> str:
+        return (f"generator pool: the cluster had room for {placed} of {count} new generators within "
+                f"rollout.pool.placement_timeout_s = {self.cfg.placement_timeout_s:g} s, and the pool needs at "
+                f"least {required} more (rollout.pool.min_workers = {self.cfg.min_workers}). Each takes "
+                f"{self._per_worker()}; {self._free_resources()}. Other jobs may hold the rest: wait for them, "
+                f"lower rollout.pool.num_workers / min_workers / cpus_per_worker, or raise placement_timeout_s")
+
     def resize(self, num_workers: int) -> int:
-        """Grow or shrink to `num_workers`, clamped to [min_workers, max_workers]; the size reached.
-        Call between rollouts: a removed actor's in-flight work would be lost to this call."""
+        """Grow or shrink to `num_workers`, clamped to [min_workers, max_workers]; the size reached (less
+        than that when the cluster has no room for more, see `_start_actors`). Call between rollouts: a
+        removed actor's in-flight work would be lost to this call."""
         target = max(self.cfg.min_workers, min(self.cfg.max_workers, num_workers))
         if target > self.size:
-            self.manager.add_actors(self._start_actors(target - self.size))
+            self.manager.add_actors(self._start_actors(target - self.size, self.cfg.min_workers - self.size))
         while self.size > target:
             actor_id = max(self.manager.actor_ids())
             ray.kill(self.manager.remove_actor(actor_id))
@@ -220,8 +266,9 @@ class GeneratorPool:
             raise PoolError(f"{self.restarts} generator actors died in this stage (rollout.pool.max_restarts = "
                             f"{self.cfg.max_restarts}); see the Ray logs of the dead actors")
         log.warning("generator actor %d died; starting a replacement (restart %d)", actor_id, self.restarts)
-        self.manager.add_actors(self._start_actors(1))
-        return True
+        started = self._start_actors(1, self.cfg.min_workers - self.size)
+        self.manager.add_actors(started)
+        return bool(started)
 
     # ------------------------------------------------------------------ weights
 

@@ -24,7 +24,9 @@ OVERRIDES = {"data.train_problems": 40, "data.val_problems": 4, "data.test_probl
              "sft.batch_sequences": 4, "grpo.steps": 1, "grpo.problems_per_step": 2, "grpo.algorithm.group_size": 2,
              "eval.problems": 2, "eval.sampled_problems": 0, "rollout.backend": "transformers",
              "rollout.runtime.max_tokens": 32, "rollout.runtime.context_window": 256,
-             "tracking.enabled": True, "tracking.experiment": "submitted", "learners.cpus_per_learner": 1}
+             "tracking.enabled": True, "tracking.experiment": "submitted", "learners.cpus_per_learner": 1,
+             # two such jobs side by side on the 4-CPU head: a learner and one generator each
+             "rollout.pool.num_workers": 1}
 
 
 def free_port() -> int:

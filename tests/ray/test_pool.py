@@ -172,6 +172,28 @@ def test_resize_clamps_to_the_range_and_rollouts_use_the_new_actors(ray_cluster,
         pool.shutdown()
 
 
+def test_a_pool_the_cluster_has_no_room_for_goes_on_smaller_or_fails_naming_what_is_missing(ray_cluster, gen_cfg):
+    """Another job holding the CPUs must not hang the run: a generator Ray cannot place within
+    placement_timeout_s is given up. The pool goes on with what fits, down to min_workers; below that the
+    error names the resources each generator takes and what the cluster has free."""
+    free = ray.available_resources()["CPU"]
+    cfg = pool_cfg(num_workers=3, min_workers=1, max_workers=3, cpus_per_worker=free / 2, placement_timeout_s=10)
+    pool = GeneratorPool(gen_cfg, cfg)
+    try:
+        assert pool.size == 2  # the third had no room
+        trees, _ = pool.rollout(PROBLEMS[:2], group_size=1, seed=SEED)
+        assert [t.problem_id for t in trees] == [p.problem_id for p in PROBLEMS[:2]]
+    finally:
+        pool.shutdown()
+    with pytest.raises(PoolError, match=r"room for 2 of 3 new generators.*rollout\.pool\.min_workers = 3.*"
+                                        rf"cpus_per_worker = {free / 2:g} CPU.*free now: CPU [\d.]+ of 4"):
+        GeneratorPool(gen_cfg, cfg.model_copy(update={"min_workers": 3}))
+    deadline = time.monotonic() + 60  # Ray frees a killed actor's CPUs a moment later
+    while ray.available_resources().get("CPU", 0.0) < free and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0.0) >= free  # no actor of the failed start is left holding CPUs
+
+
 def test_failing_requests_and_too_many_deaths_end_the_rollout_with_a_pool_error(ray_cluster, gen_cfg):
     pool = GeneratorPool(gen_cfg, pool_cfg(num_workers=1, max_restarts=0))
     try:
