@@ -431,10 +431,12 @@ class DemoWorker:
         return demos_table(items, self.encoder, self.config.format)
 
 
-def _demos_batch(batch: pa.Table, config: DemosConfig, encoder: TextEncoder) -> pa.Table:
+def _demos_block(batch: pa.Table, config: DemosConfig, encoder: TextEncoder) -> pa.Table:
+    """The demonstrations of one block of problems (a one-row batch holding the block's rows)."""
     # A task, not an actor pool: the read, this map and the write fuse into one task, so `workers`
     # tasks use `workers` CPUs; an actor pool as large as the cluster starves the read tasks (deadlock).
-    return DemoWorker(config, encoder)(batch)
+    problems = pa.Table.from_pylist(batch["problems"][0].as_py(), schema=PROBLEMS_SCHEMA)
+    return DemoWorker(config, encoder)(problems)
 
 
 # --- summaries from files (pure, streaming) ------------------------------------------------------
@@ -739,17 +741,24 @@ def generate_demos(
     progress: bool = True,
 ) -> DemosSummary:
     """Solve a problems split with Ray Data (`workers` tasks at a time) and write one row per thread
-    request as Parquet. The content depends on (problems, config) only."""
+    request as Parquet. The content depends on (problems, config) only, and so does the layout: row group k
+    holds the demonstrations of problems [k * batch_problems, (k + 1) * batch_problems), as
+    `generate_demos_local` writes them. SFT reads row groups in a seeded order, so the same layout gives the
+    same batches whichever writer made the data."""
     import ray.data
 
     _check_workers(workers)
     cfg = config or DemosConfig()
     start = time.perf_counter()
-    ds = problems_dataset(problems_path, split, limit, block_rows=cfg.batch_problems)
+    table = read_problems_table(problems_path, split, limit)
     out = prepare_output(out_dir, overwrite)
     _progress(progress)
     encoder = _demo_encoder(tokenizer)
-    ds = ds.map_batches(_demos_batch, fn_kwargs={"config": cfg, "encoder": encoder}, batch_size=cfg.batch_problems,
+    # One item per block of problems, one Ray block per item: Ray Data would otherwise cut the rows into
+    # blocks of its own sizes, and the row groups (the unit of the SFT order) with them.
+    blocks = [{"problems": block.to_pylist()} for block in _problem_blocks(table, cfg.batch_problems)]
+    ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
+    ds = ds.map_batches(_demos_block, fn_kwargs={"config": cfg, "encoder": encoder}, batch_size=1,
                         batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=1)
     ds.write_parquet(str(out))
     summary = summarize_demos(out, cfg.kind)
@@ -799,7 +808,7 @@ def _problems_part(path: Path, plans: list[dict[str, Any]], cfg: ProblemConfig, 
 
 
 def _demos_part(path: Path, batch: pa.Table, config: DemosConfig, encoder: TextEncoder) -> int:
-    pq.write_table(_demos_batch(batch, config, encoder), path)
+    pq.write_table(DemoWorker(config, encoder)(batch), path)
     return batch.num_rows  # problems done: the progress bar's unit
 
 
