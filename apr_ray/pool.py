@@ -168,7 +168,8 @@ class GeneratorPool:
         answers), which takes seconds; the engine comes up later, in `start`."""
         pings = {actor.ping.remote(): actor for actor in actors}
         ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=self.cfg.placement_timeout_s or None)
-        return [actor for ref, actor in pings.items() if ref in set(ready)]
+        answered = set(ready)
+        return [actor for ref, actor in pings.items() if ref in answered]
 
     def _per_worker(self) -> str:
         need = [f"rollout.pool.cpus_per_worker = {self.cfg.cpus_per_worker:g} CPU"]
